@@ -1,0 +1,186 @@
+"""The only place that knows model architectures.
+
+An ``Adapter`` says where the decoder blocks are, which linear layers a block has in true-sequential
+order (groups whose inputs are the same tensor are compressed together, each group after the previous
+one was compressed), and the attention/MLP geometry (for structural pruning and roofline). Detection is
+by ``config.model_type``. An architecture missing from the table falls back to generic discovery (the
+longest ``nn.ModuleList`` of identical blocks that contain linear layers, linears in registration order)
+with a warning, or fails with an error naming what to add.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from compress.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_type: str
+    #: dotted path from the CausalLM to the ModuleList of decoder blocks
+    blocks_path: str
+    #: linear layers of one block (names relative to the block), in true-sequential groups
+    sequential_groups: tuple[tuple[str, ...], ...]
+    #: attention projections (relative to the block); "qkv" for a fused projection
+    attn: dict[str, str] = field(default_factory=dict)
+    #: MLP projections: "up" (and "gate" when gated) produce the intermediate, "down" consumes it
+    mlp: dict[str, str] = field(default_factory=dict)
+    #: config attribute names for geometry
+    config_keys: dict[str, str] = field(default_factory=dict)
+    generic: bool = False
+
+    # --- navigation -------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return _get(model, self.blocks_path)
+
+    def num_blocks(self, model: nn.Module) -> int:
+        return len(self.blocks(model))
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.blocks_path}.{i}"
+
+    def linear_names(self) -> list[str]:
+        return [n for g in self.sequential_groups for n in g]
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        return {n: _get(block, n) for n in self.linear_names()}
+
+    # --- geometry ------------------------------------------------------------------------
+    def geometry(self, config: Any) -> dict[str, int]:
+        """Head counts, head dim, hidden and intermediate sizes from a HF config."""
+        k = {**_DEFAULT_KEYS, **self.config_keys}
+        hidden = getattr(config, k["hidden"])
+        heads = getattr(config, k["heads"])
+        kv = getattr(config, k["kv_heads"], None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        return {
+            "hidden_size": hidden,
+            "num_heads": heads,
+            "num_kv_heads": kv,
+            "head_dim": head_dim,
+            "intermediate_size": getattr(config, k["intermediate"]),
+            "num_layers": getattr(config, k["layers"]),
+        }
+
+
+_DEFAULT_KEYS = {
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "intermediate": "intermediate_size",
+    "layers": "num_hidden_layers",
+}
+
+_LLAMA_LIKE = dict(
+    blocks_path="model.layers",
+    sequential_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    attn={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"},
+    mlp={"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+)
+
+ADAPTERS: dict[str, Adapter] = {
+    t: Adapter(model_type=t, **_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3")
+}
+ADAPTERS["opt"] = Adapter(
+    model_type="opt",
+    blocks_path="model.decoder.layers",
+    sequential_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.out_proj",),
+        ("fc1",),
+        ("fc2",),
+    ),
+    attn={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj"},
+    mlp={"up": "fc1", "down": "fc2"},
+    config_keys={"intermediate": "ffn_dim", "kv_heads": "num_attention_heads"},
+)
+ADAPTERS["gpt_neox"] = Adapter(
+    model_type="gpt_neox",
+    blocks_path="gpt_neox.layers",
+    sequential_groups=(
+        ("attention.query_key_value",),
+        ("attention.dense",),
+        ("mlp.dense_h_to_4h",),
+        ("mlp.dense_4h_to_h",),
+    ),
+    attn={"qkv": "attention.query_key_value", "o": "attention.dense"},
+    mlp={"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
+    config_keys={"kv_heads": "num_attention_heads"},
+)
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model`` by ``config.model_type``, or a generic one discovered from its modules."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ADAPTERS:
+        adapter = ADAPTERS[model_type]
+        _check(adapter, model)
+        return adapter
+    adapter = discover(model, model_type)
+    log.warning(
+        "model_type %r is not in the adapter table (%s); using generic discovery: blocks at %r, "
+        "linears compressed one at a time in registration order. Add an entry to compress/adapters.py "
+        "for true-sequential groups and structural pruning.",
+        model_type, ", ".join(sorted(ADAPTERS)), adapter.blocks_path,
+    )
+    return adapter
+
+
+def discover(model: nn.Module, model_type: str | None = None) -> Adapter:
+    """Find the longest ModuleList of same-class blocks containing nn.Linear layers."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if len({type(b) for b in mod}) == 1 and any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+                if best is None or len(mod) > len(best[1]):
+                    best = (name, mod)
+    if best is None:
+        raise UnsupportedModelError(
+            f"cannot find the decoder blocks of model_type {model_type!r}: no ModuleList of identical blocks "
+            f"with linear layers. Add an Adapter for it to ADAPTERS in compress/adapters.py "
+            f"(blocks_path, sequential_groups, attn, mlp)."
+        )
+    name, blocks = best
+    linears = tuple((n,) for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear))
+    return Adapter(model_type=model_type or "unknown", blocks_path=name, sequential_groups=linears, generic=True)
+
+
+def _check(adapter: Adapter, model: nn.Module) -> None:
+    try:
+        block = adapter.blocks(model)[0]
+        for n in adapter.linear_names():
+            if not isinstance(_get(block, n), nn.Module):
+                raise AttributeError(n)
+    except (AttributeError, IndexError) as e:
+        raise UnsupportedModelError(
+            f"model_type {adapter.model_type!r} does not have the layout its adapter expects "
+            f"({adapter.blocks_path}.0.{e}); update compress/adapters.py"
+        ) from None
+
+
+def _get(root: nn.Module, dotted: str) -> Any:
+    obj: Any = root
+    for part in dotted.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def get_submodule(root: nn.Module, dotted: str) -> Any:
+    return _get(root, dotted)
+
+
+def set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = _get(root, parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,3 @@
+from compress.nn.qlinear import QuantizedLinear
+
+__all__ = ["QuantizedLinear"]

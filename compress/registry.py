@@ -1,0 +1,18 @@
+"""The one explicit table of passes. Add a pass by importing its class and adding it here."""
+from __future__ import annotations
+
+from compress.errors import ConfigError
+from compress.passes.gptq import GPTQ
+from compress.passes.rtn import RTN
+
+PASSES: dict[str, type] = {
+    RTN.name: RTN,
+    GPTQ.name: GPTQ,
+}
+
+
+def get_pass_class(name: str, where: str = "pass") -> type:
+    try:
+        return PASSES[name]
+    except KeyError:
+        raise ConfigError(f"{where}: unknown pass {name!r} (known: {', '.join(PASSES)})") from None

@@ -1,0 +1,131 @@
+"""``run(recipe)``: load, calibrate, apply passes, evaluate, save, report. The CLI calls this too."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from compress.adapters import get_adapter
+from compress.calibration import build_calibration
+from compress.context import PassContext, PassReport
+from compress.eval.perplexity import PerplexityResult, eval_text, perplexity
+from compress.eval.report import model_card, render_markdown, summary_table
+from compress.formats.io import check_output_path, save_checkpoint, save_reports_only
+from compress.modeling import load_model, resolve_device
+from compress.recipe import Recipe
+from compress.registry import get_pass_class
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    report: dict[str, Any]
+    output: Path
+    model: Any = field(repr=False, default=None)
+    tokenizer: Any = field(repr=False, default=None)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("compress")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def environment() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+
+
+def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
+    """Execute a validated recipe end to end. Returns the report (also written to the output)."""
+    t_start = time.perf_counter()
+    output = Path(recipe.output)
+    check_output_path(output, [recipe.model], recipe.save.overwrite)
+    loaded = load_model(recipe.model, recipe.load.dtype, recipe.load.device, recipe.load.trust_remote_code,
+                        recipe.load.allow_pickle, recipe.load.revision)
+    model, tok = loaded.model, loaded.tokenizer
+    device = resolve_device(recipe.load.device)
+    adapter = get_adapter(model)
+    ppl_spec = recipe.eval.perplexity
+    passes = [get_pass_class(e.name)(e.config) for e in recipe.passes]
+    preflight_warnings = [w for p in passes if hasattr(p, "preflight")
+                          for w in p.preflight(model, adapter, recipe.save.format)]
+    report: dict[str, Any] = {
+        "version": _version(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": recipe.model, "source": loaded.source, "model_type": model.config.model_type,
+                  "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype)},
+        "output": str(output), "recipe": recipe.to_dict(), "environment": environment(),
+        "passes": [], "eval": {}, "warnings": preflight_warnings,
+    }
+
+    eval_ids = None
+    if ppl_spec is not None:
+        from compress.eval.perplexity import tokenize_stream
+
+        eval_ids = tokenize_stream(tok, eval_text(ppl_spec.dataset))
+        if ppl_spec.original:
+            res = perplexity(model, tok, ppl_spec.dataset, ppl_spec.seqlen, ppl_spec.max_windows, device, ids=eval_ids)
+            report["eval"]["perplexity"] = {"original": res.to_dict()}
+
+    calib_factory = None
+    if recipe.calibration is not None:
+        c = recipe.calibration
+        eval_texts = [eval_text(ppl_spec.dataset)] if ppl_spec is not None else []
+        calib_factory = partial(build_calibration, tok, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field,
+                                c.split, c.subset, eval_texts, c.allow_eval_overlap)
+    ctx = PassContext(adapter=adapter, device=device, seed=recipe.calibration.seed if recipe.calibration else 0,
+                      run_dir=output, calibration_factory=calib_factory)
+    torch.manual_seed(ctx.seed)
+    for i, (entry, pass_) in enumerate(zip(recipe.passes, passes)):
+        log.info("pass %d/%d: %s %s", i + 1, len(passes), entry.name, entry.config.model_dump(mode="json"))
+        rep: PassReport = pass_.apply(model, ctx)
+        report["passes"].append(rep.to_dict())
+    if ctx._calibration is not None:
+        report["calibration"] = ctx.calibration.describe()
+
+    if ppl_spec is not None:
+        res: PerplexityResult = perplexity(model, tok, ppl_spec.dataset, ppl_spec.seqlen, ppl_spec.max_windows,
+                                           device, ids=eval_ids)
+        report["eval"].setdefault("perplexity", {})["compressed"] = res.to_dict()
+
+    from compress.formats.io import quantized_layers
+
+    fmt = recipe.save.format if quantized_layers(model) or recipe.save.format == "none" else "dense"
+    report["checkpoint"] = {"path": str(output), "format": fmt}
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    gptq_damp = next((p.config.dampening for p in recipe.passes if p.name == "gptq"), None)
+
+    def files() -> dict[str, str]:
+        return {"report.json": json.dumps(report, indent=2, default=str), "report.md": render_markdown(report),
+                "recipe.yaml": recipe_yaml, "README.md": model_card(report, recipe_yaml)}
+
+    if fmt == "none":
+        warnings = save_reports_only(output, files(), recipe.save.overwrite)
+    else:
+        warnings = save_checkpoint(model, tok, output, fmt, extra_files=files(), gptq_dampening=gptq_damp,
+                                   overwrite=recipe.save.overwrite)
+    size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+    report["checkpoint"]["size_bytes"] = size
+    report["warnings"] += warnings
+    for name, text in files().items():  # rewrite with the final size and warnings
+        (output / name).write_text(text)
+    log.info("done in %.1f s\n%s", time.perf_counter() - t_start, summary_table(report))
+    return RunResult(report=report, output=output, model=model if keep_model else None,
+                     tokenizer=tok if keep_model else None)
