@@ -23,6 +23,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from compress.errors import ConfigError
+from compress.eval.roofline import RooflineSpec
 from compress.passes.base import PassConfig, StrictModel
 
 DEFAULT_CALIBRATION = "../shared/assets/data/text/dolly_hhrlhf_train_small.jsonl"
@@ -64,6 +65,7 @@ class PerplexitySpec(StrictModel):
 
 class EvalSpec(StrictModel):
     perplexity: PerplexitySpec | None = None
+    roofline: RooflineSpec | None = None
 
 
 class SaveSpec(StrictModel):
@@ -249,4 +251,4 @@ def _allowed_keys(e: ValidationError, err: dict) -> list[str]:
     return list(model.model_fields)
 
 
-_MODELS = {m.__name__: m for m in (Recipe, LoadSpec, CalibrationSpec, PerplexitySpec, EvalSpec, SaveSpec)}
+_MODELS = {m.__name__: m for m in (Recipe, LoadSpec, CalibrationSpec, PerplexitySpec, EvalSpec, SaveSpec, RooflineSpec)}

@@ -52,11 +52,51 @@ def environment() -> dict[str, str]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
 
 
+def check_local_inputs(recipe: Recipe) -> None:
+    """Fail on a missing local data file before spending minutes loading a model."""
+    from compress.errors import CompressError
+    from compress.eval.perplexity import dataset_path
+
+    c = recipe.calibration
+    if c is not None and (c.dataset.startswith((".", "/", "~")) or Path(c.dataset).suffix in (".txt", ".raw", ".jsonl", ".json")):
+        if not Path(c.dataset).expanduser().is_file():
+            raise CompressError(f"calibration dataset not found: {c.dataset}")
+    if recipe.eval.perplexity is not None:
+        dataset_path(recipe.eval.perplexity.dataset)
+
+
+def compression_settings(model: Any, recipe: Recipe) -> dict[str, Any]:
+    """What the roofline needs to know of the compressed model: weight bits and sparsity."""
+    from compress.formats.io import quantized_layers
+
+    comp: dict[str, Any] = {}
+    q = quantized_layers(model)
+    if q:
+        first = next(iter(q.values()))
+        comp.update(weight_bits=first.bits, group_size=first.group_size, symmetric=first.symmetric)
+    for entry in recipe.passes:
+        mask = getattr(entry.config, "mask", None)
+        if mask == "2:4":
+            comp["sparsity"] = "2:4"
+        elif get_pass_class(entry.name).kind == "prune" and isinstance(getattr(entry.config, "sparsity", None), float):
+            comp["sparsity"] = entry.config.sparsity
+    return comp
+
+
+def roofline_for(model: Any, recipe: Recipe) -> dict[str, Any]:
+    """Roofline estimate of the compressed model's shapes and formats, with the original as baseline."""
+    from compress.eval.roofline import estimate
+
+    res = estimate(model.config, recipe.eval.roofline, compression_settings(model, recipe) or None)
+    return res.to_dict(per_op=False)
+
+
 def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
     """Execute a validated recipe end to end. Returns the report (also written to the output)."""
     t_start = time.perf_counter()
     output = Path(recipe.output)
     check_output_path(output, [recipe.model], recipe.save.overwrite)
+    check_local_inputs(recipe)
     loaded = load_model(recipe.model, recipe.load.dtype, recipe.load.device, recipe.load.trust_remote_code,
                         recipe.load.allow_pickle, recipe.load.revision)
     model, tok = loaded.model, loaded.tokenizer
@@ -103,6 +143,9 @@ def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
         res: PerplexityResult = perplexity(model, tok, ppl_spec.dataset, ppl_spec.seqlen, ppl_spec.max_windows,
                                            device, ids=eval_ids)
         report["eval"].setdefault("perplexity", {})["compressed"] = res.to_dict()
+
+    if recipe.eval.roofline is not None:
+        report["eval"]["roofline"] = roofline_for(model, recipe)
 
     from compress.formats.io import quantized_layers
 

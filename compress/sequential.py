@@ -123,9 +123,17 @@ def run_sequential(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, 
             active = {n: o for n, o in observers.items() if o is not None}
             if not active:
                 continue
-            handles = [mods[n].register_forward_hook(_feed(o)) for n, o in active.items()]
+            # Stop each forward once every observed layer has seen its input: later parts of the block
+            # cannot affect these observations (about 40% less work over the four groups of a block).
+            pending: set[str] = set()
+            handles = [mods[n].register_forward_hook(_feed(o, n, pending)) for n, o in active.items()]
             try:
-                run_block(block, inputs, kwargs)
+                for x in inputs:
+                    pending.update(active)
+                    try:
+                        block(x, **kwargs)
+                    except _Stop:
+                        pass
             finally:
                 for h in handles:
                     h.remove()
@@ -141,9 +149,12 @@ def run_sequential(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, 
     return stats
 
 
-def _feed(obs: Observer):
+def _feed(obs: Observer, name: str, pending: set[str]):
     def hook(_mod, args, out):
         obs.add_batch(args[0].detach(), _block_out(out).detach())
+        pending.discard(name)
+        if not pending:
+            raise _Stop
     return hook
 
 

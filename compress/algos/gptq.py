@@ -26,7 +26,7 @@ class GPTQResult:
     zeros: torch.Tensor  # float32 (integer-valued) [out, n_groups]
     g_idx: torch.Tensor  # int32 [in]
     weight: torch.Tensor  # float32 dequantized weight [out, in]
-    loss: float  # Σ_j (w_j - q_j)² / [H⁻¹]_jj / 2, the paper's objective summed over columns
+    loss: float  # Σ_j (w_j - q_j)² / [H⁻¹]_jj² / 2 summed over columns (the reference code's Losses)
 
 
 def prepare_hessian(H: torch.Tensor, W: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,38 +71,42 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
+    maxq = float((1 << bits) - 1)
     grid = find_grid(W, bits, symmetric) if group_size == -1 else None
     grids: list[QuantGrid] = [grid] if grid is not None else []
-    col_group = torch.zeros(in_f, dtype=torch.long, device=W.device)  # group of permuted column j
-    loss = torch.zeros((), device=W.device)
+    perm_list = perm.tolist()
+    col_group = [0] * in_f  # group index of permuted column j (dynamic groups)
+    loss = 0.0
 
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        C1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            w = W1[:, i]
-            d = Hinv1[i, i]
             if group_size != -1:
                 if static is not None:
-                    gid = int(perm[j]) // group_size
-                    grid = static[gid]
+                    grid = static[perm_list[j] // group_size]
                 elif j % group_size == 0:
-                    # dynamic groups: the grid sees the columns already updated by earlier errors
+                    # dynamic groups: the grid sees the columns as updated by earlier errors
                     grid = find_grid(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group_size], bits, symmetric)
                     grids.append(grid)
-                gid = int(perm[j]) // group_size if static is not None else len(grids) - 1
-                col_group[j] = gid
-            q_int = grid.quantize(w.unsqueeze(1)).flatten()
-            q = grid.dequantize(q_int.unsqueeze(1)).flatten()
-            codes[:, j] = q_int
-            Q[:, j] = q
-            err = (w - q) / d
-            loss += ((w - q) ** 2 / d**2).sum() / 2
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                col_group[j] = len(grids) - 1
+            w = W1[:, i]
+            q_int = torch.clamp(torch.round(w / grid.scale[:, 0]) + grid.zero[:, 0], 0, maxq)
+            q = (q_int - grid.zero[:, 0]) * grid.scale[:, 0]
+            C1[:, i] = q_int
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        codes[:, i1:i2] = C1
+        Q[:, i1:i2] = Q1
+        # the paper's objective, Σ (w - q)² / [H⁻¹]_jj² / 2 = Σ err² / 2
+        loss += float((Err1**2).sum()) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)
@@ -113,9 +117,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         g_idx = default_g_idx(in_f, group_size, W.device)
         use = static
     else:
-        g_idx = col_group[inv].to(torch.int32)
+        g_idx = torch.tensor(col_group, device=W.device)[inv].to(torch.int32)
         use = grids
     scales = torch.cat([g.scale for g in use], 1)
     zeros = torch.cat([g.zero for g in use], 1)
     return GPTQResult(codes=codes[:, inv].to(torch.uint8), scales=scales, zeros=zeros, g_idx=g_idx,
-                      weight=Q[:, inv], loss=float(loss))
+                      weight=Q[:, inv], loss=loss)

@@ -12,6 +12,6 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor)
     W = W.double()
     D = W - W_hat.double()
     H = H.double()
-    num = torch.einsum("oi,ij,oj->", D, H, D)
-    den = torch.einsum("oi,ij,oj->", W, H, W)
+    num = ((D @ H) * D).sum()
+    den = ((W @ H) * W).sum()
     return float(num / den) if den > 0 else 0.0

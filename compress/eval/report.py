@@ -30,6 +30,11 @@ def summary_table(report: dict[str, Any]) -> str:
     size = report.get("checkpoint", {})
     if size.get("size_bytes"):
         lines.append(f"checkpoint: {size['path']} ({size['format']}, {size['size_bytes'] / 1e6:.1f} MB)")
+    rf = report.get("eval", {}).get("roofline")
+    if rf:
+        sp = rf.get("speedup_decode")
+        lines.append(f"roofline on {rf['device']}: decode {rf['decode_ms_per_token']:.3f} ms/token"
+                     + (f" ({sp:.2f}x vs original)" if sp else "") + f", memory {rf['memory_gb']:.2f} GB (estimate)")
     for p in report.get("passes", []):
         s = p.get("summary", {})
         err = s.get("mean_rel_output_error")
@@ -48,6 +53,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     if rows:
         out += ["", "## Perplexity", "", "| model | perplexity | dataset @ seqlen | scored |", "|---|---:|---|---|"]
         out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    rf = report.get("eval", {}).get("roofline")
+    if rf:
+        out += ["", f"## Roofline estimate ({rf['device_title']}, batch {rf['batch']}, prompt {rf['prompt']}, "
+                    f"generate {rf['generate']}, {rf['dtype']})", "", "| | compressed | original | speedup |", "|---|---:|---:|---:|"]
+        b = rf.get("baseline") or {}
+        out.append(f"| decode ms/token | {rf['decode_ms_per_token']:.3f} | {_fmt(b.get('decode_ms_per_token'))} | "
+                   f"{_fmt(rf.get('speedup_decode'), 2)} |")
+        out.append(f"| prefill ms | {rf['prefill_ms']:.3f} | {_fmt(b.get('prefill_ms'))} | {_fmt(rf.get('speedup_prefill'), 2)} |")
+        out.append(f"| memory GB | {rf['memory_gb']:.3f} | {_fmt(b.get('memory_gb'))} | |")
+        out += [f"\n> roofline warning: {w}" for w in rf.get("warnings", [])]
     for p in report.get("passes", []):
         out += ["", f"## Pass `{p['name']}` ({p['seconds']:.1f} s)", "", f"config: `{p['config']}`", ""]
         if p.get("summary"):

@@ -1,0 +1,1 @@
+"""Evaluation: roofline estimates, measured latency, and the other evaluators. No heavy imports here."""

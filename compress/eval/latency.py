@@ -1,0 +1,138 @@
+"""Measured latency of a causal LM: one prefill forward, then single-token decode steps on a KV cache.
+
+``model.generate`` mixes sampling, stopping criteria and cache bookkeeping into its timing, so this
+times the two phases directly: a forward over the prompt into an empty ``DynamicCache`` (its logits
+over all prompt tokens, as the roofline's ``prefill_logits: all`` assumes), then ``generate`` forwards
+of one token each (greedy next token), synchronising CUDA around every timed region. Each repeat uses
+a fresh cache; the reported numbers are medians over repeats after ``warmup`` untimed repeats.
+
+``clock="thread"`` reports the calling thread's CPU time instead of wall time: on a shared CPU with
+one torch thread (all work on the calling thread) it leaves out the time spent waiting for a core
+that other jobs hold, i.e. it is the latency on an idle core. Both clocks are always returned
+(``wall_*`` and ``cpu_*`` keys).
+
+Example::
+
+    from compress.eval.latency import measure_latency
+    r = measure_latency(model, prompt=128, generate=32, batch=1, repeats=5, warmup=1)
+    r["prefill_ms"], r["decode_ms_per_token"]
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prompt_ids(model: nn.Module, prompt: int | torch.Tensor, batch: int, seed: int,
+                device: torch.device) -> torch.Tensor:
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt if prompt.dim() == 2 else prompt.unsqueeze(0)
+        return ids.to(device)
+    if prompt <= 0:
+        raise CompressError(f"prompt must be a positive token count, got {prompt}")
+    vocab = int(getattr(model.config, "vocab_size"))
+    # Random ids with a fixed seed: timing does not depend on the text, and no tokenizer is needed.
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
+
+
+_Times = tuple[float, float]  # (wall, thread CPU) seconds
+
+
+def _now() -> _Times:
+    return time.perf_counter(), time.thread_time()
+
+
+def _since(t0: _Times) -> _Times:
+    t1 = _now()
+    return t1[0] - t0[0], t1[1] - t0[1]
+
+
+@torch.inference_mode()
+def _one_run(model: nn.Module, ids: torch.Tensor, generate: int) -> tuple[_Times, list[_Times]]:
+    """(wall, thread-CPU) seconds of the prefill and of each decode step."""
+    from transformers import DynamicCache
+
+    device = ids.device
+    cache = DynamicCache(config=model.config)
+    _sync(device)
+    t0 = _now()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    prefill = _since(t0)
+    steps = []
+    for _ in range(generate):
+        _sync(device)
+        t0 = _now()
+        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        steps.append(_since(t0))
+    return prefill, steps
+
+
+def measure_latency(model: nn.Module, prompt: int | torch.Tensor, generate: int, batch: int = 1,
+                    repeats: int = 5, warmup: int = 1, seed: int = 0, clock: str = "wall") -> dict[str, Any]:
+    """Median prefill time and mean-per-step decode time (median over repeats) of ``model``.
+
+    ``prompt`` is a token count (random ids, seeded) or a [batch, P] tensor of ids. ``clock`` picks
+    what ``prefill_ms``/``decode_ms_per_token`` report: "wall" or "thread" (CPU time of the calling
+    thread; CPU models with one torch thread only). Returns those two, ``*_runs`` lists, ``wall_*``
+    and ``cpu_*`` variants, and ``prompt, generate, batch, repeats, warmup, device, dtype, threads,
+    clock``.
+    """
+    if generate <= 0 or repeats <= 0 or warmup < 0 or batch <= 0:
+        raise CompressError(f"need generate > 0, repeats > 0, warmup >= 0, batch > 0; got "
+                            f"generate={generate}, repeats={repeats}, warmup={warmup}, batch={batch}")
+    param = next(model.parameters())
+    if clock not in ("wall", "thread"):
+        raise CompressError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    if clock == "thread" and (param.device.type != "cpu" or torch.get_num_threads() != 1):
+        raise CompressError("clock='thread' needs a CPU model and torch.set_num_threads(1): with more threads "
+                            "(or a GPU) the calling thread's CPU time misses work done elsewhere")
+    ids = _prompt_ids(model, prompt, batch, seed, param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            _one_run(model, ids, generate)
+        runs: dict[str, list[float]] = {"wall_prefill": [], "wall_decode": [], "cpu_prefill": [], "cpu_decode": []}
+        for _ in range(repeats):
+            pf, steps = _one_run(model, ids, generate)
+            for i, name in enumerate(("wall", "cpu")):
+                runs[f"{name}_prefill"].append(pf[i] * 1e3)
+                runs[f"{name}_decode"].append(sum(s[i] for s in steps) / len(steps) * 1e3)
+    finally:
+        model.train(was_training)
+    key = "wall" if clock == "wall" else "cpu"
+    return {
+        "prefill_ms": statistics.median(runs[f"{key}_prefill"]),
+        "decode_ms_per_token": statistics.median(runs[f"{key}_decode"]),
+        "prefill_ms_runs": runs[f"{key}_prefill"],
+        "decode_ms_per_token_runs": runs[f"{key}_decode"],
+        "wall_prefill_ms": statistics.median(runs["wall_prefill"]),
+        "wall_decode_ms_per_token": statistics.median(runs["wall_decode"]),
+        "cpu_prefill_ms": statistics.median(runs["cpu_prefill"]),
+        "cpu_decode_ms_per_token": statistics.median(runs["cpu_decode"]),
+        "clock": clock,
+        "prompt": int(ids.shape[1]),
+        "generate": generate,
+        "batch": int(ids.shape[0]),
+        "repeats": repeats,
+        "warmup": warmup,
+        "device": str(param.device),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,333 @@
+"""Roofline estimator: hand-computed FLOP/byte counts on a tiny config, devices, CLI contract."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import yaml
+
+from compress.errors import CompressError, ConfigError
+from compress.eval.roofline import CompressionSpec, RooflineSpec, estimate
+from compress.eval.roofline_devices import BUILTIN_DIR, catalog, load_device, read_device_file
+from compress.eval.roofline_ops import WeightFormat, linear, weight_bytes
+from compress.eval.roofline_shapes import count_params, model_shape
+
+# hidden 64, 4 query heads / 2 KV heads of 16, MLP 128, vocab 256, 2 layers, untied head.
+TINY = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "vocab_size": 256, "num_hidden_layers": 2, "tie_word_embeddings": False}
+H, I, V, D, HQ, HKV, L = 64, 128, 256, 16, 4, 2, 2
+LINEAR_PARAMS_PER_LAYER = H * H + 2 * H * (HKV * D) + H * H + 3 * H * I  # q, k, v, o, gate, up, down
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def _rows(phase):
+    return {r.name: r for r in phase.rows}
+
+
+def _write_device(tmp_path, name="unit", bw=1.0e11, flops=1.0e18, per_layer=0.0, per_row=0.0, attention=1.0):
+    """A device with fractions 1 and (by default) huge FLOP/s, so times are bytes / bw exactly."""
+    q = lambda v: {"value": v, "source": "unit test"}  # noqa: E731
+    dev = {"name": name, "title": "unit-test device", "kind": "cpu",
+           "memory_bandwidth": q(bw), "memory_capacity": q(1e12),
+           "peak_flops": {"fp32": q(flops), "fp16": q(flops)},
+           "achievable": {"compute": q(1.0), "memory": q(1.0), "attention": q(attention)},
+           "overhead": {"per_forward_s": q(0.0), "per_layer_s": q(per_layer), "per_weight_row_s": q(per_row)}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(dev))
+    return path
+
+
+# --- counts ---------------------------------------------------------------------------------
+def test_decode_weight_bytes_equal_parameter_bytes_at_fp16():
+    r = estimate(TINY, {"device": "h100", "prompt": 16, "generate": 4})
+    rows = _rows(r.decode)
+    linear_bytes = sum(rows[n].weight_bytes for n in LINEAR_NAMES)
+    assert linear_bytes == pytest.approx(2 * (L * LINEAR_PARAMS_PER_LAYER + V * H), rel=1e-12)
+    # resident weights: every parameter (embeddings, norms, head) at 2 bytes
+    assert r.weights_bytes == pytest.approx(2 * count_params(model_shape(TINY)), rel=1e-12)
+    assert count_params(model_shape(TINY)) == L * (LINEAR_PARAMS_PER_LAYER + 2 * H) + H + 2 * V * H
+
+
+def test_int4_group128_bytes_are_half_a_byte_per_weight_plus_scales_and_zeros():
+    k, n = 256, 64
+    asym = WeightFormat(value_bits=4, group_size=128, scale_bits=16, zero_bits=4)
+    sym = WeightFormat(value_bits=4, group_size=128, scale_bits=16, zero_bits=0)
+    per_row = WeightFormat(value_bits=4, group_size=-1, scale_bits=16, zero_bits=0)
+    assert weight_bytes(k, n, asym) == k * n / 2 + n * (k // 128) * (2 + 0.5)
+    assert weight_bytes(k, n, sym) == k * n / 2 + n * (k // 128) * 2
+    assert weight_bytes(k, n, per_row) == k * n / 2 + n * 2
+
+
+def test_int4_model_weight_bytes_keep_embeddings_and_head_in_fp16():
+    r = estimate(TINY, {"device": "h100"}, compression={"weight_bits": 4, "group_size": 32, "symmetric": True})
+    linear_params = L * LINEAR_PARAMS_PER_LAYER
+    # one fp16 scale per 32 input columns: q, k, v, o, gate, up read 64 columns, down_proj 128
+    scale_bytes = L * 2 * ((H + 2 * HKV * D + H + 2 * I) * (H // 32) + H * (I // 32))
+    other = 2 * (2 * V * H + L * 2 * H + H)  # embed + head + norms at fp16
+    assert r.weights_bytes == pytest.approx(linear_params / 2 + scale_bytes + other, rel=1e-12)
+
+
+def test_gqa_kv_bytes_use_kv_heads():
+    p, g = 32, 8
+    r = estimate(TINY, {"device": "h100", "prompt": p, "generate": g})
+    mha = estimate({**TINY, "num_key_value_heads": HQ}, {"device": "h100", "prompt": p, "generate": g})
+    # decode reads the whole cache once per KV head; average context over the steps is p + (g + 1) / 2
+    expected = L * (p + (g + 1) / 2) * HKV * D * 2 * 2
+    assert _rows(r.decode)["attention"].kv_bytes == pytest.approx(expected, rel=1e-12)
+    assert _rows(mha.decode)["attention"].kv_bytes == pytest.approx(expected * HQ / HKV, rel=1e-12)
+    assert r.kv_bytes == pytest.approx(L * (p + g) * HKV * D * 2 * 2, rel=1e-12)
+
+
+def test_lm_head_prefill_flops_are_2_p_h_v():
+    p = 48
+    r = estimate(TINY, {"device": "h100", "prompt": p, "generate": 1})
+    assert _rows(r.prefill)["lm_head"].flops == 2 * p * H * V
+    last = estimate(TINY, {"device": "h100", "prompt": p, "generate": 1, "prefill_logits": "last"})
+    assert _rows(last.prefill)["lm_head"].flops == 2 * H * V
+
+
+def test_prefill_attention_is_causal_and_mlp_activation_sized_by_intermediate():
+    p, b = 40, 3
+    r = estimate(TINY, {"device": "h100", "prompt": p, "generate": 1, "batch": b})
+    rows = _rows(r.prefill)
+    pairs = p * (p + 1) / 2
+    assert rows["attention"].flops == pytest.approx(L * b * HQ * pairs * (4 * D + 5), rel=1e-12)
+    # act(gate) * up reads two [tokens, I] tensors and writes one
+    assert rows["mlp_act"].act_bytes == L * 3 * b * p * I * 2
+
+
+def test_memory_bound_decode_time_is_bytes_over_bandwidth(tmp_path):
+    dev = _write_device(tmp_path)
+    r = estimate(TINY, {"device": str(dev), "prompt": 8, "generate": 4})
+    assert r.decode_ms_per_token == pytest.approx(r.decode.bytes / 1.0e11 * 1e3, rel=1e-12)
+    with_overhead = estimate(TINY, {"device": str(_write_device(tmp_path, "slow", per_layer=1e-3)),
+                                    "prompt": 8, "generate": 4})
+    assert with_overhead.decode_ms_per_token == pytest.approx(r.decode_ms_per_token + L * 1.0, rel=1e-12)
+
+
+def test_per_row_cost_and_attention_fraction(tmp_path):
+    base = estimate(TINY, {"device": str(_write_device(tmp_path)), "prompt": 8, "generate": 4})
+    rows = estimate(TINY, {"device": str(_write_device(tmp_path, "rows", per_row=1e-6)), "prompt": 8, "generate": 4})
+    rows_per_layer = H + 2 * HKV * D + H + 2 * I + H  # output rows of q, k, v, o, gate, up, down
+    assert rows.decode_ms_per_token - base.decode_ms_per_token == pytest.approx((L * rows_per_layer + V) * 1e-3)
+    assert estimate(TINY, {"device": str(_write_device(tmp_path, "rows2", per_row=1e-6)), "prompt": 8,
+                           "generate": 4, "overhead": False}).decode_ms_per_token == pytest.approx(
+        base.decode_ms_per_token, rel=1e-12)
+    slow = _write_device(tmp_path, "att", flops=1e9, attention=0.25)
+    fast = _write_device(tmp_path, "att2", flops=1e9, attention=1.0)
+    a = _rows(estimate(TINY, {"device": str(slow), "prompt": 64, "generate": 1}).prefill)["attention"]
+    b = _rows(estimate(TINY, {"device": str(fast), "prompt": 64, "generate": 1}).prefill)["attention"]
+    assert a.compute_ms == pytest.approx(4 * b.compute_ms, rel=1e-12)
+    assert b.compute_ms == pytest.approx(b.flops / 1e9 * 1e3, rel=1e-12)
+
+
+def test_w4_decode_speedup_on_h100_is_between_2_and_the_byte_ratio():
+    r = estimate("llama-2-7b", {"device": "h100", "prompt": 1024, "generate": 16},
+                 compression={"weight_bits": 4, "group_size": 128}).to_dict()
+    assert 2.0 < r["speedup_decode"] < 16 / 4.156
+    assert r["memory_ratio"] < 0.5
+
+
+def test_two_four_halves_matrix_flops_and_stores_half_plus_metadata():
+    dense = WeightFormat(value_bits=16)
+    sparse = WeightFormat(value_bits=16, sparsity="2:4", density=0.5, sparse_units=True)
+    a, b = linear("x", 32, 256, 64, dense, 2, False), linear("x", 32, 256, 64, sparse, 2, False)
+    assert b.matrix_flops == a.matrix_flops / 2
+    assert b.weight_bytes == 256 * 64 / 2 * 2 + 256 * 64 / 2 * 2 / 8  # kept fp16 values + 2 bits each
+    r = estimate("llama-2-7b", {"device": "h100", "prompt": 1024, "generate": 4}, compression={"sparsity": "2:4"})
+    assert _rows(r.prefill)["up_proj"].flops == pytest.approx(_rows(r.baseline.prefill)["up_proj"].flops / 2)
+    assert r.to_dict()["speedup_prefill"] > 1.5
+
+
+def test_two_four_on_a_cpu_gives_no_speedup_and_says_so():
+    r = estimate(TINY, {"device": "xeon-8480", "dtype": "bfloat16"}, compression={"sparsity": "2:4"})
+    assert r.decode_ms_per_token == pytest.approx(r.baseline.decode_ms_per_token, rel=1e-12)
+    assert any("2:4" in w for w in r.warnings)
+
+
+def test_unstructured_sparsity_default_is_no_speedup_and_bitmask_saves_bytes():
+    k, n = 256, 64
+    bitmask = WeightFormat(value_bits=16, sparsity="unstructured", density=0.3, sparse_format="bitmask")
+    csr = WeightFormat(value_bits=16, sparsity="unstructured", density=0.3, sparse_format="csr")
+    assert weight_bytes(k, n, bitmask) == pytest.approx(0.3 * k * n * 2 + k * n / 8)
+    assert weight_bytes(k, n, csr) == pytest.approx(0.3 * k * n * (2 + 2) + (n + 1) * 4)
+    assert linear("x", 4, k, n, csr, 2, False).matrix_flops == 0.0  # CSR runs on vector units
+    r = estimate(TINY, {"device": "h100"}, compression={"sparsity": 0.7})
+    assert r.decode_ms_per_token == pytest.approx(r.baseline.decode_ms_per_token, rel=1e-12)
+    r2 = estimate(TINY, {"device": "h100"}, compression={"sparsity": 0.7, "sparse_format": "bitmask"})
+    assert r2.to_dict()["speedup_decode"] > 1.0
+
+
+def test_dynamic_cache_copies_the_cache_every_step():
+    p, g = 64, 4
+    static = estimate(TINY, {"device": "h100", "prompt": p, "generate": g})
+    dyn = estimate(TINY, {"device": "h100", "prompt": p, "generate": g, "kv_cache": "dynamic"})
+    row = HKV * D * 2 * 2 * L
+    assert _rows(static.decode)["kv_cache_update"].kv_bytes == pytest.approx(row, rel=1e-12)
+    # step i reads the p+i old rows and writes p+i+1
+    expected = sum((p + i) + (p + i + 1) for i in range(g)) / g * row
+    assert _rows(dyn.decode)["kv_cache_update"].kv_bytes == pytest.approx(expected, rel=1e-12)
+
+
+# --- shapes ---------------------------------------------------------------------------------
+def test_per_layer_shapes_from_a_structurally_pruned_config():
+    cfg = {**TINY, "head_dim": D, "intermediate_size": [128, 32], "num_attention_heads": [4, 2],
+           "num_key_value_heads": [2, 1]}
+    shape = model_shape(cfg)
+    assert [(ly.n_heads, ly.n_kv_heads, ly.intermediate) for ly in shape.layers] == [(4, 2, 128), (2, 1, 32)]
+    r = estimate(cfg, {"device": "h100", "prompt": 8, "generate": 2})
+    second = H * (2 * D) + 2 * H * D + 2 * D * H + 3 * H * 32
+    assert _rows(r.decode)["down_proj"].weight_bytes == 2 * (I * H + 32 * H)
+    assert sum(_rows(r.decode)[n].weight_bytes for n in LINEAR_NAMES[:-1]) == 2 * (LINEAR_PARAMS_PER_LAYER + second)
+
+
+def test_per_layer_lists_must_match_the_layer_count():
+    with pytest.raises(ConfigError, match="intermediate_size"):
+        model_shape({**TINY, "intermediate_size": [128, 64, 32]})
+    with pytest.raises(ConfigError, match="head_dim"):
+        model_shape({**TINY, "num_attention_heads": [4, 4]})
+
+
+def test_opt_and_neox_shapes():
+    opt = model_shape({"model_type": "opt", "hidden_size": 64, "ffn_dim": 256, "num_attention_heads": 4,
+                       "num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 32,
+                       "word_embed_proj_dim": 64})
+    assert opt.layers[0].n_kv_heads == 4 and opt.tie_embeddings and opt.qkv_bias and opt.learned_positions == 34
+    r = estimate({"model_type": "opt", "hidden_size": 64, "ffn_dim": 256, "num_attention_heads": 4,
+                  "num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 32}, {"device": "h100"})
+    assert {"fc1", "fc2"} <= set(_rows(r.decode)) and _rows(r.decode)["fc1"].weight_bytes == 2 * 2 * (64 * 256 + 256)
+    neox = model_shape({"model_type": "gpt_neox", "hidden_size": 64, "intermediate_size": 256,
+                        "num_attention_heads": 4, "num_hidden_layers": 1, "vocab_size": 100, "rotary_pct": 0.25})
+    assert neox.layers[0].rotary_dim == 4 and neox.arch.fused_qkv and not neox.tie_embeddings
+
+
+def test_builtin_llama2_7b_parameter_count():
+    assert count_params(model_shape(json.loads((BUILTIN_DIR.parent / "model_shapes" / "llama-2-7b.json")
+                                               .read_text()))) == 6_738_415_616
+
+
+# --- devices --------------------------------------------------------------------------------
+def _numbers_without_source(node, path="") -> list[str]:
+    bad = []
+    if isinstance(node, dict):
+        if "value" in node and not isinstance(node.get("source"), str):
+            bad.append(path)
+        for k, v in node.items():
+            if k != "value":
+                bad += _numbers_without_source(v, f"{path}.{k}")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        bad.append(path)
+    return bad
+
+
+def test_every_device_yaml_loads_and_every_number_has_a_source():
+    files = sorted(BUILTIN_DIR.glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {"h100", "h200", "a100-80gb", "l40s", "rtx4090", "a10", "xeon-8480", "m2-ultra"} <= names
+    for f in files:
+        dev = read_device_file(f)
+        assert dev.name == f.stem
+        assert _numbers_without_source(yaml.safe_load(f.read_text())) == [], f
+        assert dev.memory_bandwidth.value > 0 and dev.peak("fp32") > 0
+        assert 0 < dev.achievable.memory.value <= 1 and 0 < dev.achievable.compute.value <= 1
+
+
+def test_unknown_device_is_a_compress_error_listing_known_devices():
+    with pytest.raises(CompressError, match="known devices: .*a100-80gb.*h100"):
+        estimate(TINY, {"device": "tpu-v9"})
+    with pytest.raises(CompressError, match="known devices"):
+        load_device("tpu-v9")
+
+
+def test_user_device_from_a_file_or_folder(tmp_path):
+    path = _write_device(tmp_path, "my-npu")
+    assert estimate(TINY, {"device": str(path)}).device.name == "my-npu"
+    assert estimate(TINY, {"device": "my-npu", "device_files": [str(tmp_path)]}).device.name == "my-npu"
+    assert "my-npu" in catalog([tmp_path])
+    # YAML 1.1 reads 3.35e12 (no sign in the exponent) as a string; the device loader reads a number
+    text = path.read_text().replace("100000000000.0", "3.35e12")
+    assert "3.35e12" in text
+    path.write_text(text)
+    assert read_device_file(path).memory_bandwidth.value == 3.35e12
+
+
+def test_device_without_the_dtype_names_what_it_has():
+    with pytest.raises(CompressError, match="no peak_flops.bf16"):
+        estimate(TINY, {"device": "m2-ultra", "dtype": "bfloat16"})
+
+
+def test_bad_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="group_size"):
+        estimate(TINY, {"device": "h100"}, compression={"weight_bits": 4, "group_size": 0})
+    with pytest.raises(ConfigError, match="sparsity"):
+        estimate(TINY, {"device": "h100"}, compression={"sparsity": 1.5})
+    with pytest.raises(ConfigError, match="prompt"):
+        estimate(TINY, {"device": "h100", "prompt": 0})
+    with pytest.raises(ConfigError, match="batchsize"):
+        estimate(TINY, {"device": "h100", "batchsize": 4})
+
+
+def test_roofline_spec_is_a_strict_recipe_block():
+    spec = RooflineSpec.model_validate({"device": "h200", "prompt": 512, "generate": 64, "batch": 2})
+    assert (spec.device, spec.prompt, spec.generate, spec.batch) == ("h200", 512, 64, 2)
+    assert not CompressionSpec().active
+
+
+# --- CLI ------------------------------------------------------------------------------------
+def _cli(argv, capsys):
+    from compress.commands import roofline as cmd
+
+    parser = argparse.ArgumentParser(prog="compress")
+    cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["roofline", *argv])
+    rc = args.func(args)
+    return rc, capsys.readouterr().out
+
+
+def test_cli_json_contract(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    rc, out = _cli([str(tmp_path), "--device", "h100", "--prompt", "64", "--generate", "8", "--batch", "1",
+                    "--weight-bits", "4", "--group-size", "32", "--sparsity", "2:4", "--json"], capsys)
+    d = json.loads(out)
+    assert rc == 0
+    assert {"decode_ms_per_token", "prefill_ms", "memory_gb", "speedup_decode"} <= set(d)
+    assert d["speedup_decode"] > 1.0 and d["prompt"] == 64
+    rc, out = _cli([str(tmp_path / "config.json"), "--json"], capsys)
+    assert "speedup_decode" not in json.loads(out)
+
+
+def test_cli_table_has_totals_and_per_op(capsys):
+    rc, out = _cli(["smollm2-135m", "--device", "a10", "--per-op"], capsys)
+    assert rc == 0 and "decode per token" in out and "down_proj" in out and "lm_head" in out
+
+
+# --- latency measurement ------------------------------------------------------------------------
+def test_measure_latency_on_a_tiny_model():
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.eval.latency import measure_latency
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    r = measure_latency(model, prompt=8, generate=3, batch=2, repeats=2, warmup=1)
+    assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
+    assert len(r["decode_ms_per_token_runs"]) == 2 and r["batch"] == 2 and r["prompt"] == 8
+    with pytest.raises(CompressError, match="repeats"):
+        measure_latency(model, prompt=8, generate=3, repeats=0)
+
+
+def test_thread_clock_refuses_several_threads(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.eval.latency import measure_latency
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with pytest.raises(CompressError, match="set_num_threads"):
+        measure_latency(model, prompt=4, generate=2, repeats=1, warmup=0, clock="thread")
+
