@@ -24,6 +24,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from compress.errors import ConfigError
 from compress.eval.roofline import RooflineSpec
+from compress.eval.tasks import TasksSpec
 from compress.passes.base import PassConfig, StrictModel
 
 DEFAULT_CALIBRATION = "../shared/assets/data/text/dolly_hhrlhf_train_small.jsonl"
@@ -66,6 +67,7 @@ class PerplexitySpec(StrictModel):
 class EvalSpec(StrictModel):
     perplexity: PerplexitySpec | None = None
     roofline: RooflineSpec | None = None
+    tasks: TasksSpec | None = None
 
 
 class SaveSpec(StrictModel):
@@ -251,4 +253,4 @@ def _allowed_keys(e: ValidationError, err: dict) -> list[str]:
     return list(model.model_fields)
 
 
-_MODELS = {m.__name__: m for m in (Recipe, LoadSpec, CalibrationSpec, PerplexitySpec, EvalSpec, SaveSpec, RooflineSpec)}
+_MODELS = {m.__name__: m for m in (Recipe, LoadSpec, CalibrationSpec, PerplexitySpec, EvalSpec, SaveSpec, RooflineSpec, TasksSpec)}

@@ -65,6 +65,12 @@ def check_local_inputs(recipe: Recipe) -> None:
         dataset_path(recipe.eval.perplexity.dataset)
 
 
+def _tasks(model: Any, tok: Any, spec: Any) -> dict[str, Any]:
+    from compress.eval.tasks import run_tasks
+
+    return run_tasks(model, tok, spec.names, spec.limit, spec.batch_size, spec.assets_dir, spec.num_fewshot).to_dict()
+
+
 def compression_settings(model: Any, recipe: Recipe) -> dict[str, Any]:
     """What the roofline needs to know of the compressed model: weight bits and sparsity."""
     from compress.formats.io import quantized_layers
@@ -123,6 +129,10 @@ def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
             res = perplexity(model, tok, ppl_spec.dataset, ppl_spec.seqlen, ppl_spec.max_windows, device, ids=eval_ids)
             report["eval"]["perplexity"] = {"original": res.to_dict()}
 
+    tasks_spec = recipe.eval.tasks
+    if tasks_spec is not None:
+        report["eval"]["tasks"] = {"original": _tasks(model, tok, tasks_spec)}
+
     calib_factory = None
     if recipe.calibration is not None:
         c = recipe.calibration
@@ -144,6 +154,8 @@ def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
                                            device, ids=eval_ids)
         report["eval"].setdefault("perplexity", {})["compressed"] = res.to_dict()
 
+    if tasks_spec is not None:
+        report["eval"]["tasks"]["compressed"] = _tasks(model, tok, tasks_spec)
     if recipe.eval.roofline is not None:
         report["eval"]["roofline"] = roofline_for(model, recipe)
 

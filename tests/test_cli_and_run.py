@@ -16,7 +16,8 @@ def write_recipe(tmp_path, model_dir, text, name="recipe.yaml", **over):
         "calibration": {"dataset": str(text), "nsamples": 4, "seqlen": 64, "seed": 0},
         "passes": [{"gptq": {"bits": 4, "group_size": 32}}],
         "eval": {"perplexity": {"dataset": str(text.with_suffix(".txt")), "seqlen": 64, "max_windows": 3},
-                 "roofline": {"device": "h100", "prompt": 128, "generate": 16}},
+                 "roofline": {"device": "h100", "prompt": 128, "generate": 16},
+                 "tasks": {"names": ["piqa"], "limit": 4}},
     }
     r.update(over)
     text.with_suffix(".txt").write_text("An unrelated evaluation text about rivers and hills. " * 200)
@@ -42,6 +43,9 @@ def test_cli_run_writes_checkpoint_and_reports(tmp_path, tiny_llama_dir, small_t
     roof = rep["eval"]["roofline"]
     assert roof["compression"]["weight_bits"] == 4 and roof["speedup_decode"] > 1
     assert "Roofline estimate" in (out / "report.md").read_text()
+    tasks = rep["eval"]["tasks"]
+    assert tasks["compressed"]["tasks"][0]["n"] == 4 and tasks["original"]["tasks"][0]["partial"]
+    assert "Zero-shot accuracy" in (out / "report.md").read_text()
     assert "perplexity" in capsys.readouterr().out
     assert not list(tmp_path.glob(".out.tmp-*"))
     # the same run again refuses to overwrite unless asked

@@ -59,7 +59,8 @@ def handle(args: argparse.Namespace) -> int:
         from compress.eval.tasks import run_tasks
 
         names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        result["tasks"] = run_tasks(model, tok, names, limit=args.limit).to_dict()
+        task_results = run_tasks(model, tok, names, limit=args.limit)
+        result["tasks"] = task_results.to_dict()
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -67,8 +68,6 @@ def handle(args: argparse.Namespace) -> int:
         r = result["perplexity"]
         print(f"perplexity {r['perplexity']:.3f} on {r['dataset']} @ {r['seqlen']} "
               f"({r['windows']}/{r['total_windows']} windows{', partial' if r['partial'] else ''})")
-    if "tasks" in result:
-        from compress.eval.tasks import TaskResults
-
-        print(TaskResults.from_dict(result["tasks"]).to_markdown() if hasattr(TaskResults, "from_dict") else json.dumps(result["tasks"], indent=2))
+    if args.tasks:
+        print(task_results.to_markdown())
     return 0

@@ -53,6 +53,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     if rows:
         out += ["", "## Perplexity", "", "| model | perplexity | dataset @ seqlen | scored |", "|---|---:|---|---|"]
         out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    tasks = report.get("eval", {}).get("tasks")
+    if tasks:
+        out += ["", "## Zero-shot accuracy (lm-eval)", "", "| task | n | original acc | compressed acc | original acc_norm | compressed acc_norm |",
+                "|---|---:|---:|---:|---:|---:|"]
+        orig = {t["name"]: t for t in tasks.get("original", {}).get("tasks", [])}
+        for t in tasks.get("compressed", {}).get("tasks", []):
+            o = orig.get(t["name"], {})
+            n = f"{t['n']}/{t['n_total']}" + (" (partial)" if t.get("partial") else "")
+            out.append(f"| {t['name']} | {n} | {_fmt(o.get('acc'))} | {_fmt(t.get('acc'))} | "
+                       f"{_fmt(o.get('acc_norm'))} | {_fmt(t.get('acc_norm'))} |")
     rf = report.get("eval", {}).get("roofline")
     if rf:
         out += ["", f"## Roofline estimate ({rf['device_title']}, batch {rf['batch']}, prompt {rf['prompt']}, "

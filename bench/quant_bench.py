@@ -1,0 +1,96 @@
+"""Perplexity of SmolLM2-135M-Instruct (or any model) under RTN and GPTQ settings, with quantization
+wall time. Prints a Markdown table and writes JSON.
+
+    python bench/quant_bench.py --nsamples 32 --max-windows 20 --out bench/results/quant_smollm2.json
+
+Every setting quantizes a fresh copy of the same loaded model with the same calibration windows and is
+scored by the same perplexity code on the same token stream.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import time
+
+import torch
+
+from compress.adapters import get_adapter
+from compress.calibration import build_calibration
+from compress.context import PassContext
+from compress.eval.perplexity import eval_text, perplexity, tokenize_stream
+from compress.modeling import load_model
+from compress.passes.gptq import GPTQ, GPTQConfig
+from compress.passes.rtn import RTN, RTNConfig
+
+SETTINGS = {
+    "rtn-w4g128": (RTN, RTNConfig(bits=4, group_size=128)),
+    "gptq-w4g128": (GPTQ, GPTQConfig(bits=4, group_size=128, act_order=True)),
+    "rtn-w4-channel": (RTN, RTNConfig(bits=4, group_size=-1)),
+    "gptq-w4-channel": (GPTQ, GPTQConfig(bits=4, group_size=-1, act_order=True)),
+    "rtn-w3g128": (RTN, RTNConfig(bits=3, group_size=128)),
+    "gptq-w3g128": (GPTQ, GPTQConfig(bits=3, group_size=128, act_order=True)),
+    "rtn-w4g64": (RTN, RTNConfig(bits=4, group_size=64)),
+    "gptq-w4g64": (GPTQ, GPTQConfig(bits=4, group_size=64, act_order=True)),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    ap.add_argument("--calibration", default="../shared/assets/data/text/dolly_hhrlhf_train_small.jsonl")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default: full test)")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is far faster on a busy machine)")
+    ap.add_argument("--out", default=None, help="write JSON results here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    loaded = load_model(args.model)
+    base, tok = loaded.model, loaded.tokenizer
+    ids = tokenize_stream(tok, eval_text("wikitext2"))
+    calib = build_calibration(tok, args.calibration, args.nsamples, args.seqlen, seed=0,
+                              eval_texts=[eval_text("wikitext2")])
+    rows = []
+    fp = perplexity(base, tok, "wikitext2", args.seqlen, args.max_windows, ids=ids)
+    rows.append({"setting": "fp32", "perplexity": fp.perplexity, "quant_seconds": 0.0, "windows": fp.windows,
+                 "total_windows": fp.total_windows})
+    print(f"fp32: {fp.perplexity:.3f}", flush=True)
+    for name in args.settings.split(","):
+        cls, cfg = SETTINGS[name]
+        model = copy.deepcopy(base)
+        # RTN uses no data; giving it none keeps its time to the rounding itself
+        factory = (lambda: calib) if cls.needs_calibration else None
+        ctx = PassContext(adapter=get_adapter(model), device=torch.device("cpu"), calibration_factory=factory)
+        t0 = time.perf_counter()
+        report = cls(cfg).apply(model, ctx)
+        secs = time.perf_counter() - t0
+        res = perplexity(model, tok, "wikitext2", args.seqlen, args.max_windows, ids=ids)
+        rows.append({"setting": name, "perplexity": res.perplexity, "quant_seconds": round(secs, 1),
+                     "mean_rel_output_error": report.summary["mean_rel_output_error"],
+                     "mean_rel_weight_error": report.summary["mean_rel_weight_error"], "windows": res.windows,
+                     "total_windows": res.total_windows})
+        print(f"{name}: {res.perplexity:.3f} ({secs:.0f} s)", flush=True)
+        del model
+    meta = {"model": args.model, "calibration": calib.describe(), "seqlen": args.seqlen,
+            "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    print(f"\n{args.model}; WikiText-2 seqlen {args.seqlen}, {rows[0]['windows']}/{rows[0]['total_windows']} windows; "
+          f"calibration {args.nsamples} x {args.seqlen} tokens of {args.calibration}\n")
+    print("| setting | perplexity | quantization s | mean rel. weight error |\n|---|---:|---:|---:|")
+    for r in rows:
+        err = r.get("mean_rel_weight_error")
+        print(f"| {r['setting']} | {r['perplexity']:.3f} | {r['quant_seconds']:.0f} | {'-' if err is None else f'{err:.4f}'} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
