@@ -55,8 +55,11 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--dampening", type=float, default=0.01)
     ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is far faster on a busy machine)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model)
     base, tok = loaded.model, loaded.tokenizer

@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--calibration", default="../shared/assets/data/text/dolly_hhrlhf_train_small.jsonl")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--eval-text", default="wikitext2", help="wikitext2 (../shared/assets) or a path to wiki.test.raw")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default: full test)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is far faster on a busy machine)")
@@ -52,13 +54,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     base, tok = loaded.model, loaded.tokenizer
-    ids = tokenize_stream(tok, eval_text("wikitext2"))
-    calib = build_calibration(tok, args.calibration, args.nsamples, args.seqlen, seed=0,
-                              eval_texts=[eval_text("wikitext2")])
+    dev = torch.device(args.device)
+    text = eval_text(args.eval_text)
+    ids = tokenize_stream(tok, text)
+    calib = build_calibration(tok, args.calibration, args.nsamples, args.seqlen, seed=0, eval_texts=[text])
     rows = []
-    fp = perplexity(base, tok, "wikitext2", args.seqlen, args.max_windows, ids=ids)
+    fp = perplexity(base, tok, args.eval_text, args.seqlen, args.max_windows, ids=ids)
     rows.append({"setting": "fp32", "perplexity": fp.perplexity, "quant_seconds": 0.0, "windows": fp.windows,
                  "total_windows": fp.total_windows})
     print(f"fp32: {fp.perplexity:.3f}", flush=True)
@@ -67,11 +70,15 @@ def main() -> None:
         model = copy.deepcopy(base)
         # RTN uses no data; giving it none keeps its time to the rounding itself
         factory = (lambda: calib) if cls.needs_calibration else None
-        ctx = PassContext(adapter=get_adapter(model), device=torch.device("cpu"), calibration_factory=factory)
+        ctx = PassContext(adapter=get_adapter(model), device=dev, calibration_factory=factory)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         report = cls(cfg).apply(model, ctx)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         secs = time.perf_counter() - t0
-        res = perplexity(model, tok, "wikitext2", args.seqlen, args.max_windows, ids=ids)
+        res = perplexity(model, tok, args.eval_text, args.seqlen, args.max_windows, ids=ids)
         rows.append({"setting": name, "perplexity": res.perplexity, "quant_seconds": round(secs, 1),
                      "mean_rel_output_error": report.summary["mean_rel_output_error"],
                      "mean_rel_weight_error": report.summary["mean_rel_weight_error"], "windows": res.windows,
@@ -79,7 +86,8 @@ def main() -> None:
         print(f"{name}: {res.perplexity:.3f} ({secs:.0f} s)", flush=True)
         del model
     meta = {"model": args.model, "calibration": calib.describe(), "seqlen": args.seqlen,
-            "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
+            "machine": torch.cuda.get_device_name(0) if dev.type == "cuda" else
+                       f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     print(f"\n{args.model}; WikiText-2 seqlen {args.seqlen}, {rows[0]['windows']}/{rows[0]['total_windows']} windows; "
           f"calibration {args.nsamples} x {args.seqlen} tokens of {args.calibration}\n")

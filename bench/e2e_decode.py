@@ -1,0 +1,178 @@
+"""End-to-end decode speed: uncompressed vs RTN INT4 with our kernels, same model, same workload.
+
+``gpu``: a Llama-2-7B-shaped model with random fp16 weights (built from a LlamaConfig, no download).
+Times prefill and decode with a static KV cache, eagerly and with the decode step captured in a
+CUDA graph (``compress.kernels.gpu_timing``); then quantizes every decoder linear layer with
+``rtn_quantize`` (lm_head stays fp16), installs the Triton kernel via ``accelerate``, tunes it for
+batch 1, checks the model's logits against the dequantize reference path, and times it again.
+
+``cpu``: a local model folder (default: the prepared SmolLM2-135M) in float32 vs the same model with
+RTN INT4 layers on torch's CPU int4 kernel; eager timing with ``compress.eval.latency``.
+
+    python bench/e2e_decode.py gpu --out $OUT/e2e_gpu.json
+    python bench/e2e_decode.py cpu --threads 2 --out bench/results/e2e_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.adapters import set_submodule  # noqa: E402
+from compress.algos.quant import default_g_idx, rtn_quantize  # noqa: E402
+from compress.kernels import accelerate, tune_triton  # noqa: E402
+from compress.nn.qlinear import QuantizedLinear  # noqa: E402
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+SMOLLM2 = str(Path.home() / ".cache/compress/models/HuggingFaceTB--SmolLM2-135M-Instruct")
+
+
+def quantize_linears(model: nn.Module, group_size: int, symmetric: bool, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace each nn.Linear (except ``skip``) by an RTN-quantized QuantizedLinear, in place."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] not in skip]
+    for name in names:
+        lin = model.get_submodule(name)
+        q, s, z = rtn_quantize(lin.weight.data, 4, group_size, symmetric)
+        g = default_g_idx(lin.in_features, group_size, device=q.device)
+        bias = None if lin.bias is None else lin.bias.data
+        ql = QuantizedLinear.from_codes(q, s.to(lin.weight.dtype), z, g, 4, group_size, symmetric, bias)
+        set_submodule(model, name, ql)
+        del lin
+    return len(names)
+
+
+@torch.inference_mode()
+def logits_check(model: nn.Module, vocab: int) -> float:
+    """Relative error of the model's logits with the installed kernels vs the dequantize path."""
+    ids = torch.randint(0, vocab, (1, 16), device=next(model.parameters()).device)
+    fast = model(ids).logits.double()
+    saved = {n: m._backend for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            m.set_backend(None)
+    ref = model(ids).logits.double()
+    for n, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            m.set_backend(saved[n])
+    return float((fast - ref).norm() / ref.norm())
+
+
+def run_gpu(args: argparse.Namespace) -> dict:
+    from compress.kernels.gpu_timing import random_llama, time_generation
+
+    out = {"model": "llama-2-7b shape, random weights", "config": LLAMA2_7B, "prompt": args.prompt,
+           "generate": args.generate, "batch": 1, "group_size": args.group_size, "symmetric": args.symmetric,
+           "device": torch.cuda.get_device_name(), "runs": {}}
+    model = random_llama(LLAMA2_7B, torch.float16, "cuda")
+
+    def timed(tag: str) -> None:
+        for mode in ("eager", "cuda_graph"):
+            t0 = time.time()
+            r = time_generation(model, args.prompt, args.generate, 1, mode=mode, repeats=args.repeats, warmup=1)
+            out["runs"][f"{tag}_{mode}"] = r
+            print(f"{tag:5} {mode:10} prefill {r['prefill_ms']:8.2f} ms  decode {r['decode_ms_per_token']:7.3f} ms/token "
+                  f"({r['decode_tokens_per_s']:7.1f} tok/s) tokens_match_eager={r['tokens_match_eager']} "
+                  f"[{time.time() - t0:.0f}s]", flush=True)
+
+    timed("fp16")
+    t0 = time.time()
+    out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric)
+    torch.cuda.empty_cache()
+    report = accelerate(model, backend="triton", large_m=args.large_m, plane_width=args.plane_width)
+    out["kernels"] = report.counts()
+    out["large_m"] = args.large_m
+    out["plane_width"] = args.plane_width
+    tune_triton(model, (1,))
+    out["prepare_s"] = time.time() - t0
+    out["logits_rel_err_vs_dequant"] = logits_check(model, LLAMA2_7B["vocab_size"])
+    print(f"quantized {out['quantized_layers']} layers, kernels {out['kernels']}, logits rel err vs dequant "
+          f"{out['logits_rel_err_vs_dequant']:.2e}", flush=True)
+    timed("int4")
+    for mode in ("eager", "cuda_graph"):
+        f, q = out["runs"][f"fp16_{mode}"], out["runs"][f"int4_{mode}"]
+        out[f"decode_speedup_{mode}"] = f["decode_ms_per_token"] / q["decode_ms_per_token"]
+        out[f"prefill_speedup_{mode}"] = f["prefill_ms"] / q["prefill_ms"]
+    return out
+
+
+def run_cpu(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from compress.eval.latency import measure_latency
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = {"model": args.model, "prompt": args.prompt, "generate": args.generate, "batch": 1,
+           "group_size": args.group_size, "symmetric": args.symmetric, "threads": torch.get_num_threads(),
+           "device": "cpu", "runs": {}}
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+
+    def timed(tag: str) -> None:
+        r = measure_latency(model, args.prompt, args.generate, 1, repeats=args.repeats, warmup=1)
+        r["decode_tokens_per_s"] = 1e3 / r["decode_ms_per_token"]
+        out["runs"][tag] = r
+        print(f"{tag:9} prefill {r['prefill_ms']:8.1f} ms (runs {[round(v) for v in r['prefill_ms_runs']]})  "
+              f"decode {r['decode_ms_per_token']:7.2f} ms/token ({r['decode_tokens_per_s']:6.1f} tok/s, runs "
+              f"{[round(v, 1) for v in r['decode_ms_per_token_runs']]})", flush=True)
+
+    timed("fp32")
+    skip = () if args.quantize_lm_head else ("lm_head",)
+    out["quantize_lm_head"] = args.quantize_lm_head
+    out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric, skip=skip)
+    if args.with_fallback:
+        timed("int4_dequant_fallback")
+    out["kernels"] = accelerate(model, backend="cpu-int4").counts()
+    out["logits_rel_err_vs_dequant_fp32"] = logits_check(model, model.config.vocab_size)
+    timed("int4_cpu")
+    out["decode_speedup"] = out["runs"]["fp32"]["decode_ms_per_token"] / out["runs"]["int4_cpu"]["decode_ms_per_token"]
+    out["prefill_speedup"] = out["runs"]["fp32"]["prefill_ms"] / out["runs"]["int4_cpu"]["prefill_ms"]
+    print(f"int4 vs fp32: decode {out['decode_speedup']:.2f}x, prefill {out['prefill_speedup']:.2f}x; logits rel err "
+          f"{out['logits_rel_err_vs_dequant_fp32']:.2e}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("target", choices=["gpu", "cpu"])
+    ap.add_argument("--model", default=SMOLLM2, help="cpu: model folder (default: prepared SmolLM2-135M)")
+    ap.add_argument("--prompt", type=int, default=None, help="default: 128 (gpu), 128 (cpu)")
+    ap.add_argument("--generate", type=int, default=None, help="default: 64 (gpu), 32 (cpu)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=None, help="default: 128 (gpu), 64 (cpu: 576 = 4.5 x 128)")
+    ap.add_argument("--symmetric", action="store_true")
+    ap.add_argument("--large-m", default="dequant", choices=["dequant", "triton"], help="gpu: prefill path")
+    ap.add_argument("--plane-width", type=int, default=16, choices=[16, 32, 64], help="gpu: packing width")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--with-fallback", action="store_true", help="cpu: also time the dequantize fallback")
+    ap.add_argument("--quantize-lm-head", action="store_true",
+                    help="cpu: also quantize lm_head (unties it from the fp32 embedding)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.prompt = args.prompt or 128
+    args.generate = args.generate or (64 if args.target == "gpu" else 32)
+    args.group_size = args.group_size or (128 if args.target == "gpu" else 64)
+    if args.target == "gpu" and not torch.cuda.is_available():
+        print("e2e_decode gpu needs a CUDA GPU", file=sys.stderr)
+        return 2
+    result = run_gpu(args) if args.target == "gpu" else run_cpu(args)
+    result["torch"] = torch.__version__
+    result["date"] = time.strftime("%Y-%m-%d")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    if args.target == "gpu":
+        print(f"\ndecode speedup int4/fp16: cuda_graph {result['decode_speedup_cuda_graph']:.2f}x, "
+              f"eager {result['decode_speedup_eager']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device call: environment, GPU tests, kernel benchmark, end-to-end decode, latency table.
+# Usage (on the GPU machine, repo root): bash bench/gpu_suite.sh STAGES   (e.g. "env tests kernel e2e latency")
+# Logs and JSON go to $OUT (or bench/results/device when unset).
+set -u
+OUT=${OUT:-bench/results/device}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+STAGES=${1:-"env tests kernel e2e latency"}
+for stage in $STAGES; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+      python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" ;;
+    tests)
+      timeout 120 python3 -m pytest tests/test_kernels.py -q -m gpu -p no:cacheprovider -n 8 > "$OUT/pytest_gpu.log" 2>&1
+      tail -25 "$OUT/pytest_gpu.log" ;;
+    kernel)
+      timeout 230 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1
+      tail -32 "$OUT/kernel_bench.log" ;;
+    e2e)
+      # plane width: the one that won batch 1 on most shapes in this call's kernel benchmark
+      W=$(python3 -c "import json,collections; r=json.load(open('$OUT/kernel_bench.json'))['rows']; print(collections.Counter(x['width'] for x in r if x['batch']==1).most_common(1)[0][0])" 2>/dev/null || echo 32)
+      echo "plane width $W"
+      timeout 190 python3 bench/e2e_decode.py gpu --plane-width "$W" --out "$OUT/e2e_gpu.json" > "$OUT/e2e.log" 2>&1
+      grep -v Warning "$OUT/e2e.log" | tail -12 ;;
+    cli)
+      # the compress bench contract on a tiny RTN checkpoint, on the GPU
+      timeout 120 python3 - > "$OUT/cli.log" 2>&1 <<'PY'
+import argparse, json, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from compress.adapters import set_submodule
+from compress.algos.quant import default_g_idx, rtn_quantize
+from compress.commands import bench
+from compress.formats import save_checkpoint
+from compress.nn.qlinear import QuantizedLinear
+torch.manual_seed(0)
+cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=32000)
+m = LlamaForCausalLM(cfg).eval()
+for name, mod in list(m.named_modules()):
+    if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+        q, s, z = rtn_quantize(mod.weight.data, 4, 128, False)
+        set_submodule(m, name, QuantizedLinear.from_codes(q, s, z, default_g_idx(mod.in_features, 128), 4, 128, False))
+save_checkpoint(m, None, "/tmp/tiny-w4g128", overwrite=True)
+p = argparse.ArgumentParser(); bench.register(p.add_subparsers())
+for extra in ([], ["--json"]):
+    a = p.parse_args(["bench", "/tmp/tiny-w4g128", "--device", "cuda", "--prompt", "128", "--generate", "32"] + extra)
+    a.func(a)
+PY
+      tail -22 "$OUT/cli.log" ;;
+    latency)
+      timeout 400 python3 bench/gpu_latency.py --out "$OUT/gpu_latency.json" > "$OUT/latency.log" 2>&1
+      tail -20 "$OUT/latency.log" ;;
+  esac
+done
+echo "=== done $(date +%T)"

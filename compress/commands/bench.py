@@ -1,0 +1,211 @@
+"""``compress bench CHECKPOINT``: measured prefill latency and decode speed, compressed vs uncompressed."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+HELP = "measure prefill latency and decode tokens/s of a checkpoint with the fast INT4 kernels"
+
+DESCRIPTION = """\
+Loads CHECKPOINT (a compress checkpoint: compressed-tensors or GPTQ) with its quantized layers on the
+fastest available kernel (Triton W4A16 on CUDA, torch's int4 kernel on the CPU, else the
+dequantize fallback; a warning names the path that ran), then times one prefill over a random
+prompt and GENERATE greedy decode steps, and does the same for the uncompressed model.
+
+The uncompressed baseline is --baseline PATH (a plain Hugging Face folder) when given; otherwise it
+is the checkpoint's own layers dequantized to dense float weights (same shapes and dtype, so the
+difference is the kernel and the bytes). A CHECKPOINT without quantization_config is timed alone.
+
+Timing: on a GPU with a transformers StaticCache, the decode step captured in a CUDA graph
+(--mode cuda_graph, default) or run eagerly; on the CPU eagerly with a DynamicCache
+(compress.eval.latency). Medians over --repeats runs after --warmup runs. Prompt ids are random
+(seeded): speed does not depend on the text.
+
+examples:
+  compress bench out/llama-w4g128 --device cuda --prompt 512 --generate 128
+  compress bench out/smollm2-w4g64 --device cpu --prompt 128 --generate 32 --json
+  compress bench out/llama-w4g128 --baseline meta-llama/Llama-2-7b-hf --mode eager
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="compress checkpoint folder (or a plain model folder)")
+    p.add_argument("--baseline", default=None, metavar="PATH",
+                   help="uncompressed model folder to compare with (default: the checkpoint dequantized)")
+    g = p.add_argument_group("workload")
+    g.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
+    g.add_argument("--prompt", type=int, default=512, help="prompt tokens (default: 512)")
+    g.add_argument("--generate", type=int, default=128, help="decode steps timed (default: 128)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default: 3)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N (default: auto)")
+    r.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="activation dtype (default: float16 on CUDA, float32 on the CPU)")
+    r.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu-int4", "dequant"],
+                   help="kernel for the quantized layers (default: auto)")
+    r.add_argument("--mode", default="cuda_graph", choices=["cuda_graph", "eager"],
+                   help="GPU timing: decode step captured in a CUDA graph, or eager (default: cuda_graph)")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    o.add_argument("--output", default=None, metavar="FILE", help="also write the JSON object to FILE")
+    p.set_defaults(func=handler)
+    return p
+
+
+def _is_quantized(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise CompressError(f"not a model folder (no config.json): {folder}")
+    qcfg = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return qcfg.get("quant_method") in ("compressed-tensors", "gptq")
+
+
+def _densify(model) -> int:
+    """Replace every QuantizedLinear by an nn.Linear holding its dequantized weight (in place)."""
+    import torch
+    from torch import nn
+
+    from compress.adapters import set_submodule
+    from compress.nn.qlinear import QuantizedLinear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for name in names:
+        q = model.get_submodule(name)
+        dtype = q.scales.dtype if q.scales.dtype != torch.float32 else next(model.parameters()).dtype
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                        device=q.qweight.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize().to(dtype))
+            if q.bias is not None:
+                lin.bias.copy_(q.bias)
+        set_submodule(model, name, lin)
+    return len(names)
+
+
+def _measure(model, args: argparse.Namespace, device) -> dict[str, Any]:
+    if device.type == "cuda":
+        from compress.kernels.gpu_timing import time_generation
+
+        return time_generation(model, args.prompt, args.generate, args.batch, mode=args.mode,
+                               repeats=args.repeats, warmup=args.warmup)
+    from compress.eval.latency import measure_latency
+
+    r = measure_latency(model, args.prompt, args.generate, args.batch, repeats=args.repeats,
+                        warmup=args.warmup)
+    r["mode"] = "eager"
+    r["decode_tokens_per_s"] = args.batch * 1e3 / r["decode_ms_per_token"]
+    return r
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("batch", "prompt", "generate", "repeats"):
+        if getattr(args, name) <= 0:
+            raise CompressError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise CompressError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads <= 0:
+        raise CompressError(f"--threads must be positive, got {args.threads}")
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Load, accelerate and time the checkpoint and its baseline; returns the result dict."""
+    import torch
+
+    from compress.kernels import accelerate
+    from compress.modeling import resolve_device
+
+    _check_args(args)
+    device = resolve_device(args.device)
+    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
+        else getattr(torch, args.dtype)
+    folder = Path(args.checkpoint)
+    quantized = _is_quantized(folder)
+    result: dict[str, Any] = {"checkpoint": str(folder), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                              "batch": args.batch, "prompt": args.prompt, "generate": args.generate,
+                              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    with torch.inference_mode():
+        if quantized:
+            from compress.formats import load_quantized
+
+            model, _ = load_quantized(folder, device=str(device), dtype=dtype)
+            model.to(device)
+            report = accelerate(model, backend=args.backend)
+            result["kernels"] = report.counts()
+            comp = _measure(model, args, device)
+            result.update({k: comp[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "mode")})
+            result["runs"] = {"compressed": comp}
+            if args.baseline is None:
+                n = _densify(model)
+                result["baseline"] = f"checkpoint dequantized to dense {result['dtype']} ({n} layers)"
+                base_model = model
+            else:
+                base_model = None
+            del model
+        else:
+            log.warning("%s has no quantization_config: timing it alone as the baseline", folder)
+            result["kernels"] = {}
+            base_model = None
+        if base_model is None:
+            from transformers import AutoModelForCausalLM
+
+            path = args.baseline if (quantized and args.baseline) else str(folder)
+            base_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            result["baseline"] = path
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        base = _measure(base_model, args, device)
+        result.setdefault("runs", {})["baseline"] = base
+    result["baseline_prefill_ms"] = base["prefill_ms"]
+    result["baseline_decode_ms_per_token"] = base["decode_ms_per_token"]
+    result["baseline_decode_tokens_per_s"] = base["decode_tokens_per_s"]
+    if not quantized:
+        for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s"):
+            result[k] = base[k]
+        result["mode"] = base["mode"]
+    result["decode_speedup"] = result["decode_tokens_per_s"] / result["baseline_decode_tokens_per_s"]
+    result["prefill_speedup"] = result["baseline_prefill_ms"] / result["prefill_ms"]
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    rows = [("", "compressed", "baseline", "ratio"),
+            ("prefill ms", f"{r['prefill_ms']:.2f}", f"{r['baseline_prefill_ms']:.2f}", f"{r['prefill_speedup']:.2f}x"),
+            ("decode ms/token", f"{r['decode_ms_per_token']:.2f}", f"{r['baseline_decode_ms_per_token']:.2f}",
+             f"{r['decode_speedup']:.2f}x"),
+            ("decode tokens/s", f"{r['decode_tokens_per_s']:.1f}", f"{r['baseline_decode_tokens_per_s']:.1f}",
+             f"{r['decode_speedup']:.2f}x")]
+    width = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(width[i]) if i == 0 else c.rjust(width[i]) for i, c in enumerate(row)) for row in rows]
+    head = (f"{r['checkpoint']} on {r['device']} ({r['dtype']}, {r['mode']}), batch {r['batch']}, "
+            f"prompt {r['prompt']}, generate {r['generate']}; kernels {r['kernels'] or 'none'}; "
+            f"baseline: {r['baseline']}")
+    return head + "\n" + "\n".join(lines)
+
+
+def handler(args: argparse.Namespace) -> int:
+    import torch
+
+    previous = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = run_bench(args)
+    finally:
+        torch.set_num_threads(previous)
+    text = json.dumps(result, indent=2, default=str)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    print(text if args.json else format_table(result))
+    return 0

@@ -1,0 +1,205 @@
+"""Install the fastest available forward on every ``QuantizedLinear`` of a model.
+
+``accelerate(model, backend="auto")`` repacks each layer's buffers once for a kernel and installs it
+with ``QuantizedLinear.set_backend``. Paths:
+
+- ``triton``: the W4A16 Triton kernel (``triton_w4a16``), for layers on a CUDA device; fp16/bf16
+  activations (other dtypes run the dequantize fallback for that call).
+- ``cpu-int4``: torch's CPU int4 kernel (``cpu_int4``), for layers on the CPU; bf16 arithmetic.
+- ``dequant-fallback``: no kernel installed; the layer's own forward dequantizes its weight and
+  calls ``F.linear`` (always correct, slow, no memory saved at run time).
+
+``auto`` picks triton on CUDA and cpu-int4 on CPU; a named backend that cannot serve a layer falls
+back for that layer. Every path that ran is logged as a WARNING naming it and the reason, and the
+returned ``AccelerationReport`` lists it per layer.
+
+Note: the packed copies live in the installed closure, not in the module's buffers: call
+``accelerate`` after the model is on its final device, and again after moving it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compress.errors import ConfigError
+from compress.nn.qlinear import QuantizedLinear
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "cpu-int4", "dequant")
+LARGE_M = ("triton", "dequant")
+
+
+@dataclass
+class AccelerationReport:
+    """Which path each quantized layer runs, and why (JSON-serializable via ``as_dict``)."""
+
+    requested: str
+    layers: dict[str, str] = field(default_factory=dict)  # name -> path
+    reasons: dict[str, str] = field(default_factory=dict)  # name -> why this path
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(self.layers.values()))
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(set(self.layers.values()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "counts": self.counts(), "layers": self.layers,
+                "reasons": self.reasons}
+
+
+def _triton_status() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        importlib.import_module("compress.kernels.triton_w4a16")  # imports triton
+    except ImportError as e:
+        return False, f"Triton is not importable ({e})"
+    return True, ""
+
+
+def _triton_backend(mod: QuantizedLinear, large_m: str, width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    from compress.kernels import triton_w4a16 as tw
+
+    wt = tw.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.symmetric,
+                   mod.bias, mod.qweight.device, width=width)
+    wt.large_m = large_m
+    warned = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda:
+            return tw.w4a16_matmul(x, wt)
+        if not warned:
+            log.warning("triton W4A16 kernel got %s activations on %s; this layer runs the "
+                        "dequantize fallback for them", x.dtype, x.device)
+            warned.append(True)
+        w = tw.dequantize_packed(wt, x.dtype).to(x.device)
+        return nn.functional.linear(x, w, None if wt.bias is None else wt.bias.to(x.dtype))
+
+    forward.packed = wt  # for tuning and inspection
+    return forward
+
+
+def _cpu_backend(mod: QuantizedLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    from compress.kernels import cpu_int4
+
+    wt = cpu_int4.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.bias)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return cpu_int4.int4_matmul(x, wt)
+
+    forward.packed = wt
+    return forward
+
+
+def _choose(mod: QuantizedLinear, backend: str, triton_ok: tuple[bool, str],
+            cpu_ok: tuple[bool, str]) -> tuple[str, str]:
+    """(path to try, reason) for one layer."""
+    on_cuda = mod.qweight.is_cuda
+    if backend == "dequant":
+        return "dequant-fallback", "requested"
+    want = backend if backend != "auto" else ("triton" if on_cuda else "cpu-int4")
+    if want == "triton":
+        if not on_cuda:
+            return "dequant-fallback", "triton needs the layer on a CUDA device"
+        if not triton_ok[0]:
+            return "dequant-fallback", triton_ok[1]
+        return "triton", "W4A16 Triton kernel, fp16/bf16 activations"
+    if on_cuda:
+        return "dequant-fallback", "cpu-int4 needs the layer on the CPU"
+    if not cpu_ok[0]:
+        return "dequant-fallback", cpu_ok[1]
+    return "cpu-int4", "torch _weight_int4pack_mm_for_cpu, bf16 activations"
+
+
+def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant",
+               plane_width: int = 16) -> AccelerationReport:
+    """Repack every QuantizedLinear of ``model`` for the best available kernel and install it.
+
+    ``backend``: one of BACKENDS. ``large_m`` (triton only): path for more than 16 activation rows,
+    "triton" (the tensor-core kernel) or "dequant" (dequantize + cuBLAS per call).
+    ``plane_width`` (triton only): words per row and packed block, 16, 32 or 64 (docs/kernels.md).
+
+    Example::
+
+        report = accelerate(model)            # logs e.g. "224 layers on triton: ..."
+        report.counts()                       # {"triton": 224}
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if large_m not in LARGE_M:
+        raise ConfigError(f"large_m must be one of {', '.join(LARGE_M)}; got {large_m!r}")
+    if plane_width not in (16, 32, 64):
+        raise ConfigError(f"plane_width must be 16, 32 or 64; got {plane_width!r}")
+    from compress.kernels import cpu_int4
+
+    triton_ok = _triton_status() if backend in ("auto", "triton") else (False, "not requested")
+    cpu_ok = cpu_int4.available()
+    report = AccelerationReport(requested=backend)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantizedLinear):
+            continue
+        path, reason = _choose(mod, backend, triton_ok, cpu_ok)
+        try:
+            if path == "triton":
+                mod.set_backend(_triton_backend(mod, large_m, plane_width))
+            elif path == "cpu-int4":
+                mod.set_backend(_cpu_backend(mod))
+            else:
+                mod.set_backend(None)
+        except ValueError as e:  # the layer's grid is outside what the kernel handles
+            path, reason = "dequant-fallback", f"{path} cannot run this layer: {e}"
+            mod.set_backend(None)
+        report.layers[name] = path
+        report.reasons[name] = reason
+    _log_summary(report)
+    return report
+
+
+def _log_summary(report: AccelerationReport) -> None:
+    if not report.layers:
+        log.warning("accelerate: the model has no QuantizedLinear layers; nothing installed")
+        return
+    groups = Counter((report.layers[n], report.reasons[n]) for n in report.layers)
+    for (path, reason), count in sorted(groups.items()):
+        log.warning("accelerate: %d quantized layer(s) run %s (%s)", count, path, reason)
+
+
+def packed_weights(model: nn.Module) -> dict[str, Any]:
+    """The repacked weight object of each accelerated layer (for tuning and benchmarks)."""
+    out = {}
+    for name, mod in model.named_modules():
+        fn = getattr(mod, "_backend", None) if isinstance(mod, QuantizedLinear) else None
+        if fn is not None and hasattr(fn, "packed"):
+            out[name] = fn.packed
+    return out
+
+
+def tune_triton(model: nn.Module, batch_sizes: tuple[int, ...] = (1,)) -> dict[tuple, Any]:
+    """Time the Triton configs once per distinct layer shape and share the winners (call before
+    CUDA-graph capture: tuning synchronizes). Returns {(M, N, K): KernelConfig}.
+
+    Layers with the same shape and grid share one ``configs`` dict, so tuning one tunes all."""
+    from compress.kernels import triton_w4a16 as tw
+
+    chosen: dict[tuple, Any] = {}
+    shared: dict[tuple, dict] = {}
+    for wt in packed_weights(model).values():
+        if not isinstance(wt, tw.W4A16Weight):
+            continue
+        shape = (wt.out_features, wt.in_features, wt.group, wt.width, wt.zeros is None, wt.perm is not None)
+        if shape not in shared:
+            for m in batch_sizes:
+                cfg, _ = tw.tune(wt, m)
+                chosen[(m, wt.out_features, wt.in_features)] = cfg
+            shared[shape] = wt.configs
+        wt.configs = shared[shape]
+    return chosen

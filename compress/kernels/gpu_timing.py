@@ -1,0 +1,154 @@
+"""Prefill and decode timing on a CUDA GPU with a static KV cache, eager or CUDA-graph captured.
+
+Why not ``compress.eval.latency.measure_latency``: on the lent H100/H200 hosts a plain eager decode
+step of a 7B model costs tens of milliseconds of Python and launch overhead while its weights need
+about 3-5 ms of memory traffic (docs/kernels.md, /work/shared/docs/MEASURING.md), so eager timing
+hides what fewer weight bytes buy. Here the forward runs on a transformers ``StaticCache`` whose
+write position is a device tensor, so one decode step (forward + greedy argmax written back into
+the input buffer) is captured once as a CUDA graph and replayed ``generate`` times with no host work
+in between. The prefill (which zeroes the cache length first, inside the graph) is captured too.
+``mode="eager"`` runs the very same steps uncaptured, which is what a plain-transformers user sees.
+
+Timing uses CUDA events around the enqueued work; numbers are medians over ``repeats`` after
+``warmup`` untimed runs. The captured run is checked against the eager run: both must produce the
+same greedy tokens (``tokens_match_eager``).
+
+Example::
+
+    r = time_generation(model, prompt=128, generate=32, mode="cuda_graph")
+    r["prefill_ms"], r["decode_ms_per_token"], r["decode_tokens_per_s"]
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError, ConfigError
+
+MODES = ("eager", "cuda_graph")
+
+
+def random_llama(config: dict[str, Any], dtype: torch.dtype = torch.float16, device: str = "cuda",
+                 seed: int = 0) -> nn.Module:
+    """A Llama-architecture model with random weights from a config dict (no download)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def _zero_lengths(cache: Any) -> None:
+    """Reset the cache's write position in place (so a captured graph replays the reset too)."""
+    for layer in cache.layers:
+        length = getattr(layer, "cumulative_length", None)
+        if isinstance(length, torch.Tensor):
+            length.zero_()
+        else:
+            raise CompressError("this transformers StaticCache keeps no tensor write position; "
+                                "CUDA-graph timing needs transformers >= 5.17")
+
+
+class _Steps:
+    """Prefill and decode closures over fixed input/output buffers (graph-capturable)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, generate: int):
+        from transformers import StaticCache
+
+        self.model = model
+        self.ids = ids
+        self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + generate + 1)
+        self.tok = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
+
+    def prefill(self) -> None:
+        _zero_lengths(self.cache)
+        logits = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True).logits
+        self.tok.copy_(logits[:, -1:].argmax(-1))
+
+    def step(self) -> None:
+        logits = self.model(input_ids=self.tok, past_key_values=self.cache, use_cache=True).logits
+        self.tok.copy_(logits[:, -1:].argmax(-1))
+
+
+def _run(prefill: Callable[[], None], step: Callable[[], None], tok: torch.Tensor, generate: int,
+         keep_tokens: bool) -> tuple[float, float, list[torch.Tensor]]:
+    """One prefill + ``generate`` decode steps; (prefill ms, decode ms total, tokens)."""
+    e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    tokens = []
+    e0.record()
+    prefill()
+    e1.record()
+    for _ in range(generate):
+        step()
+        if keep_tokens:
+            tokens.append(tok.clone())
+    e2.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1), e1.elapsed_time(e2), tokens
+
+
+@torch.inference_mode()
+def time_generation(model: nn.Module, prompt: int, generate: int, batch: int = 1,
+                    mode: str = "cuda_graph", repeats: int = 5, warmup: int = 2, seed: int = 0,
+                    ) -> dict[str, Any]:
+    """Median prefill latency and decode time per token of ``model`` on its CUDA device."""
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if prompt <= 0 or generate <= 0 or batch <= 0 or repeats <= 0 or warmup < 0:
+        raise ConfigError(f"need prompt, generate, batch, repeats > 0 and warmup >= 0; got prompt={prompt}, "
+                          f"generate={generate}, batch={batch}, repeats={repeats}, warmup={warmup}")
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise CompressError(f"time_generation needs the model on a CUDA device, it is on {device}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, int(model.config.vocab_size), (batch, prompt), generator=gen).to(device)
+    steps = _Steps(model, ids, generate)
+
+    # Eager warm-up on a side stream: lazily allocates the cache, compiles/tunes kernels and lets
+    # the allocator settle before any capture (capture requires it).
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            steps.prefill()
+            steps.step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    _, _, ref_tokens = _run(steps.prefill, steps.step, steps.tok, min(generate, 8), keep_tokens=True)
+
+    prefill, step = steps.prefill, steps.step
+    graphs = []
+    if mode == "cuda_graph":
+        g_pre, g_dec = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_pre):
+            steps.prefill()
+        with torch.cuda.graph(g_dec, pool=g_pre.pool()):
+            steps.step()
+        graphs = [g_pre, g_dec]
+        prefill, step = g_pre.replay, g_dec.replay
+    _, _, tokens = _run(prefill, step, steps.tok, min(generate, 8), keep_tokens=True)
+    match = all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+
+    pre_ms, dec_ms = [], []
+    for i in range(warmup + repeats):
+        p, d, _ = _run(prefill, step, steps.tok, generate, keep_tokens=False)
+        if i >= warmup:
+            pre_ms.append(p)
+            dec_ms.append(d / generate)
+    del graphs, steps
+    torch.cuda.empty_cache()
+    decode = statistics.median(dec_ms)
+    return {
+        "mode": mode, "prompt": prompt, "generate": generate, "batch": batch,
+        "prefill_ms": statistics.median(pre_ms), "decode_ms_per_token": decode,
+        "decode_tokens_per_s": batch * 1e3 / decode,
+        "prefill_ms_runs": pre_ms, "decode_ms_per_token_runs": dec_ms,
+        "repeats": repeats, "warmup": warmup, "tokens_match_eager": match,
+        "kv_cache": "static", "prefill_logits": "all",
+        "device": torch.cuda.get_device_name(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }

@@ -1,0 +1,352 @@
+"""Kernels for QuantizedLinear: layouts, the CPU int4 path, dispatch, the bench CLI contract, and
+(marked gpu, skipped without CUDA) the Triton W4A16 kernel and CUDA-graph timing.
+
+Every numeric check compares against a float64 reference on fresh random inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from compress.adapters import set_submodule
+from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize
+from compress.errors import CompressError, ConfigError
+from compress.kernels import accelerate, cpu_int4, layout
+from compress.nn.qlinear import QuantizedLinear
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.detach().double().cpu(), ref.detach().double().cpu()
+    return float((y - ref).norm() / ref.norm())
+
+
+def make_layer(n: int, k: int, gs: int, symmetric: bool, act_order: bool, bias: bool, seed: int = 0,
+               device: str = "cpu") -> QuantizedLinear:
+    """A QuantizedLinear from RTN codes of a random weight; with act_order, a random g_idx
+    permutation of the group assignment (as GPTQ desc_act produces)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    q, s, z = rtn_quantize(w, 4, gs, symmetric)
+    g = default_g_idx(k, gs)
+    if act_order:
+        perm = torch.randperm(k, generator=gen)
+        g = torch.empty(k, dtype=torch.int32)
+        g[perm] = (torch.arange(k) // (k if gs == -1 else gs)).to(torch.int32)
+        q = q[:, torch.argsort(perm)]
+    b = torch.randn(n, generator=gen) if bias else None
+    layer = QuantizedLinear.from_codes(q, s, z, g, 4, gs, symmetric, b, act_order)
+    return layer.to(device)
+
+
+def reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    w = dequantize_weight(layer.qweight.cpu(), layer.scales.cpu(), layer.zeros.cpu(), layer.g_idx.cpu())
+    y = x.double().cpu() @ w.double().t()
+    if layer.bias is not None:
+        y = y + layer.bias.detach().double().cpu()
+    return y
+
+
+# ---------------------------------------------------------------- layouts (pure functions)
+
+@pytest.mark.parametrize("width", layout.WIDTHS)
+@pytest.mark.parametrize("k", [128, 576, 1000])
+def test_planar_pack_roundtrip(k, width):
+    codes = torch.randint(0, 16, (24, k), dtype=torch.uint8)
+    words = layout.pack_planar(codes, width)
+    assert words.dtype == torch.int32 and words.shape == (24, layout.padded_k(k, width) // 8)
+    assert torch.equal(layout.unpack_planar(words, k, width), codes)
+
+
+def test_planar_pack_puts_plane_j_at_its_shift():
+    codes = torch.zeros(1, 128, dtype=torch.uint8)
+    codes[0, 3 * 16 + 5] = 0xB  # plane 3, word 5
+    words = layout.pack_planar(codes)
+    assert int(words[0, 5]) == 0xB << layout.PLANE_SHIFT[3]
+    assert int(words[0].abs().sum()) == 0xB << layout.PLANE_SHIFT[3]
+
+
+def test_group_order_act_order_makes_groups_contiguous():
+    k, gs = 256, 64
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(1))
+    g = torch.empty(k, dtype=torch.int32)
+    g[perm] = (torch.arange(k) // gs).to(torch.int32)
+    order = layout.contiguous_group_order(g, k // gs)
+    assert order.group_size == gs
+    assert torch.equal(g[order.perm].long(), torch.arange(k) // gs)
+
+
+def test_group_order_default_and_per_channel_need_no_permutation():
+    assert layout.contiguous_group_order(default_g_idx(256, 64), 4).perm is None
+    per_channel = layout.contiguous_group_order(default_g_idx(256, -1), 1)
+    assert per_channel.perm is None and per_channel.group_size == 256
+
+
+def test_group_order_rejects_unequal_groups():
+    g = torch.tensor([0, 0, 0, 1], dtype=torch.int32)
+    with pytest.raises(CompressError, match="exactly"):
+        layout.contiguous_group_order(g, 2)
+
+
+# ---------------------------------------------------------------- CPU int4 path
+
+CPU_CASES = [  # (out, in, group, symmetric, act_order, bias)
+    (64, 256, 32, False, False, False),
+    (48, 576, 64, True, False, True),
+    (100, 512, 128, False, False, False),  # rows padded to a multiple of 16
+    (32, 512, 256, True, False, False),
+    (40, 576, -1, False, False, True),  # per-channel -> repeated over groups of 64
+    (48, 1024, 512, False, False, False),  # wide groups -> 256
+    (48, 384, 32, False, True, True),  # act-order
+    (32, 512, -1, True, True, False),  # act-order with one group: no permutation needed
+]
+
+
+@pytest.mark.skipif(not cpu_int4.available()[0], reason="torch without the CPU int4 kernel")
+@pytest.mark.parametrize("n,k,gs,sym,act,bias", CPU_CASES)
+def test_cpu_int4_matches_float64_reference(n, k, gs, sym, act, bias):
+    layer = make_layer(n, k, gs, sym, act, bias, seed=n + k)
+    wt = cpu_int4.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, layer.bias)
+    x = torch.randn(3, 5, k)
+    y = cpu_int4.int4_matmul(x, wt)
+    assert y.shape == (3, 5, n) and y.dtype == torch.float32
+    # bf16 activations and bf16 scales/zeros: a few 1e-3 (measured 2-3e-3)
+    assert rel_err(y, reference(layer, x)) < 1e-2
+
+
+@pytest.mark.skipif(not cpu_int4.available()[0], reason="torch without the CPU int4 kernel")
+def test_cpu_int4_zero_point_convention_with_extreme_zeros():
+    """Ours: w = (q - z) s; the kernel's: w = (q - 8) scale + zero. Zeros 0 and 15 test the mapping."""
+    n, k, gs = 32, 128, 32
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    s = torch.rand(n, k // gs) + 0.5
+    z = torch.where(torch.rand(n, k // gs) < 0.5, 0, 15).to(torch.uint8)
+    layer = QuantizedLinear.from_codes(q, s, z, default_g_idx(k, gs), 4, gs, False)
+    wt = cpu_int4.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, None)
+    x = torch.randn(4, k)
+    assert rel_err(cpu_int4.int4_matmul(x, wt), reference(layer, x)) < 1e-2
+
+
+def test_cpu_int4_refuses_unsupported_group():
+    assert cpu_int4.unsupported_reason(4, 96, 48) is not None
+    assert cpu_int4.unsupported_reason(3, 256, 128) is not None
+    assert cpu_int4.unsupported_reason(4, 256, 128) is None
+
+
+# ---------------------------------------------------------------- dispatch
+
+def tiny_quantized_model(gs: int = 64, device: str = "cpu"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    model = LlamaForCausalLM(cfg).eval()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name != "lm_head":
+            q, s, z = rtn_quantize(mod.weight.data, 4, gs, False)
+            set_submodule(model, name, QuantizedLinear.from_codes(
+                q, s, z, default_g_idx(mod.in_features, gs), 4, gs, False))
+    return model.to(device)
+
+
+@pytest.mark.skipif(not cpu_int4.available()[0], reason="torch without the CPU int4 kernel")
+def test_accelerate_auto_on_cpu_installs_cpu_int4_and_says_so(caplog):
+    model = tiny_quantized_model()
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with caplog.at_level(logging.WARNING, logger="compress.kernels.dispatch"):
+            report = accelerate(model)
+        fast = model(ids).logits
+    assert report.counts() == {"cpu-int4": 14}
+    assert any("cpu-int4" in r.message for r in caplog.records)
+    assert rel_err(fast, ref) < 3e-2  # bf16 activations through two blocks
+
+
+def test_accelerate_falls_back_with_a_warning_when_triton_cannot_run(caplog):
+    model = tiny_quantized_model()
+    if HAS_CUDA:
+        pytest.skip("this host has CUDA; the fallback is exercised on CPU-only machines")
+    with caplog.at_level(logging.WARNING, logger="compress.kernels.dispatch"):
+        report = accelerate(model, backend="triton")
+    assert report.paths == ["dequant-fallback"]
+    assert any("dequant-fallback" in r.message and "CUDA" in r.message for r in caplog.records)
+    assert all(m._backend is None for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def test_accelerate_falls_back_for_an_unsupported_layer(caplog):
+    model = nn.Sequential(make_layer(32, 96, 48, False, False, False))  # groups of 48: no CPU kernel
+    x = torch.randn(2, 96)
+    with caplog.at_level(logging.WARNING, logger="compress.kernels.dispatch"):
+        report = accelerate(model, backend="cpu-int4")
+    assert report.paths == ["dequant-fallback"]
+    assert any("dequant-fallback" in r.message and "48" in r.message for r in caplog.records)
+    assert rel_err(model(x), reference(model[0], x)) < 1e-5
+
+
+def test_accelerate_rejects_unknown_backend():
+    with pytest.raises(ConfigError, match="auto"):
+        accelerate(nn.Sequential(), backend="cuda-magic")
+
+
+# ---------------------------------------------------------------- static-cache steps (CPU logic)
+
+def test_static_cache_steps_reproduce_greedy_decoding():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compress.kernels.gpu_timing import _Steps
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.inference_mode():
+        seq, want = ids, []
+        for _ in range(5):
+            nxt = model(seq).logits[:, -1:].argmax(-1)
+            want.append(nxt)
+            seq = torch.cat([seq, nxt], 1)
+        steps = _Steps(model, ids, generate=5)
+        for _ in range(2):  # the second round checks that prefill resets the cache position
+            steps.prefill()
+            got = [steps.tok.clone()]
+            for _ in range(4):
+                steps.step()
+                got.append(steps.tok.clone())
+            assert [int(t) for t in got] == [int(t) for t in want]
+
+
+# ---------------------------------------------------------------- compress bench contract
+
+@pytest.mark.skipif(not cpu_int4.available()[0], reason="torch without the CPU int4 kernel")
+def test_bench_json_contract_on_tiny_checkpoint(tmp_path, capsys):
+    from compress.commands import bench
+    from compress.formats import save_checkpoint
+
+    save_checkpoint(tiny_quantized_model(), None, tmp_path / "ck")
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", str(tmp_path / "ck"), "--device", "cpu", "--prompt", "8", "--generate", "3",
+                              "--repeats", "1", "--warmup", "0", "--json", "--output", str(tmp_path / "r.json")])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("prefill_ms", "decode_tokens_per_s", "baseline_decode_tokens_per_s", "baseline_prefill_ms"):
+        assert out[key] > 0, key
+    assert out["kernels"] == {"cpu-int4": 14}
+    assert json.loads((tmp_path / "r.json").read_text())["prompt"] == 8
+
+
+def test_bench_rejects_bad_numbers(tmp_path):
+    from compress.commands import bench
+
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", str(tmp_path), "--generate", "0"])
+    with pytest.raises(CompressError, match="generate"):
+        bench.run_bench(args)
+
+
+# ---------------------------------------------------------------- GPU: Triton W4A16 kernel
+
+GPU_CASES = [  # (out, in, group, symmetric, act_order, bias, plane width)
+    (256, 1024, 128, False, False, False, 16),
+    (256, 1024, 128, True, False, True, 32),
+    (200, 576, 64, False, False, False, 64),  # groups narrower than a block; width lowered to 64
+    (192, 512, 32, True, True, True, 32),  # act-order, groups of 32
+    (256, 1024, 128, False, True, False, 64),  # act-order; block of 512 spans 4 groups
+    (160, 576, -1, False, False, True, 64),  # per-channel, K not a multiple of the block
+    (256, 4096, 128, False, False, False, 32),
+    (264, 11008, 128, False, False, False, 64),  # K = 21.5 blocks of 512: masked tail
+]
+
+
+def _configs(m: int, wt):
+    from compress.kernels import triton_w4a16 as tw
+
+    n, nb = wt.out_features, wt.n_blocks
+    cfgs = [tw.default_config(m, n, nb)]
+    if m == 1:
+        cfgs += [tw.KernelConfig(1, 64, 1, False, True, 4, 1, False), tw.KernelConfig(1, 32, 2, False, True, 2, 1, True),
+                 tw.KernelConfig(1, 128, 1, False, False, 4, 1, False), tw.KernelConfig(16, 64, 2, True, True, 4, 2)]
+    elif m <= 16:
+        cfgs += [tw.KernelConfig(16, 32, 1, True, True, 4, 2), tw.KernelConfig(16, 128, 4, True, False, 4, 2)]
+    elif wt.width <= 32:  # a 128 x 64-word tile needs more shared memory than a multiprocessor has
+        cfgs += [tw.KernelConfig(64, 128, 1, True, True, 8, 3)]
+    return cfgs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 3, 16, 77])
+@pytest.mark.parametrize("n,k,gs,sym,act,bias,width,dtype",
+                         [c + (torch.float16,) for c in GPU_CASES]
+                         + [GPU_CASES[0] + (torch.bfloat16,), GPU_CASES[3] + (torch.bfloat16,)])
+def test_triton_w4a16_matches_float64_reference(n, k, gs, sym, act, bias, width, dtype, m):
+    from compress.kernels import triton_w4a16 as tw
+
+    layer = make_layer(n, k, gs, sym, act, bias, seed=n * m + k)
+    wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, sym, layer.bias, "cuda", width=width)
+    bound = 3e-3 if dtype == torch.float16 else 1.5e-2  # fp16 / bf16 activations and outputs
+    for cfg in _configs(m, wt):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)  # fresh input per config
+        ref = reference(layer, x)
+        if -(-wt.n_blocks // -(-wt.n_blocks // cfg.split_k)) == 1:  # no K split: direct store
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # poisoned
+            y = tw.launch(x, wt, cfg, out=out)
+            assert bool(torch.isfinite(y).all()), f"unwritten outputs with {cfg}"
+        else:
+            y = tw.launch(x, wt, cfg)
+        assert rel_err(y, ref) < bound, cfg
+    if m > 16:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        assert rel_err(tw.dequant_matmul(x, wt), reference(layer, x)) < bound
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_triton_dequantize_matches_reference_for_every_width():
+    from compress.kernels import triton_w4a16 as tw
+
+    layer = make_layer(136, 1152, 64, False, True, False, seed=3)
+    ref = reference(layer, torch.eye(1152)).t()  # [N, K] dequantized weight in float64
+    for width in (16, 32, 64):
+        wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, False, None, "cuda", width=width)
+        assert wt.width == width
+        assert rel_err(tw.dequantize_packed(wt, torch.float32), ref) < 1e-3  # fp16 scales
+        w_sorted = tw.dequantize_sorted(wt, torch.float16)
+        back = torch.empty_like(w_sorted).index_copy_(1, wt.perm.long(), w_sorted)
+        assert rel_err(back, ref) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_accelerate_on_cuda_installs_triton_and_matches_dequant():
+    model = tiny_quantized_model(device="cuda").half()
+    ids = torch.randint(0, 256, (2, 9), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = accelerate(model)
+        fast = model(ids).logits
+        one = model(ids[:1, :1]).logits  # decode-shaped call (M = 1)
+    assert report.counts() == {"triton": 14}
+    assert rel_err(fast, ref) < 1e-2
+    assert bool(torch.isfinite(one).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_timing_matches_eager_tokens():
+    from compress.kernels.gpu_timing import time_generation
+
+    model = tiny_quantized_model(device="cuda").half()
+    accelerate(model)
+    r = time_generation(model, prompt=16, generate=6, mode="cuda_graph", repeats=2, warmup=1)
+    assert r["tokens_match_eager"] and r["decode_ms_per_token"] > 0 and r["prefill_ms"] > 0
