@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from compress.algos.hessian import accumulate_hessian
+
 
 class HessianObserver:
     """Running H = 2/N Σ x xᵀ over all N calibration tokens (float32), as GPTQ and SparseGPT need."""
@@ -12,9 +14,4 @@ class HessianObserver:
         self.n = 0
 
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None:
-        x = inp.reshape(-1, inp.shape[-1]).float()
-        m = x.shape[0]
-        self.H *= self.n / (self.n + m)
-        self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H += x.t() @ x
+        self.H, self.n = accumulate_hessian(self.H, self.n, inp)

@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 from compress.errors import ConfigError
+from compress.passes.alpha_allocation import AlphaAllocation
 from compress.passes.gptq import GPTQ
+from compress.passes.magnitude import Magnitude
 from compress.passes.rtn import RTN
+from compress.passes.sparsegpt import SparseGPT
+from compress.passes.wanda import Wanda
 
 PASSES: dict[str, type] = {
     RTN.name: RTN,
     GPTQ.name: GPTQ,
+    AlphaAllocation.name: AlphaAllocation,
+    Magnitude.name: Magnitude,
+    Wanda.name: Wanda,
+    SparseGPT.name: SparseGPT,
 }
 
 

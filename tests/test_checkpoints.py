@@ -107,3 +107,20 @@ def test_load_quantized_refuses_dense_folder(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "dense")
     with pytest.raises(CompressError, match="not a compressed-tensors or GPTQ"):
         load_quantized(tmp_path / "dense")
+
+
+def test_pruned_then_gptq_keeps_zeros_in_saved_int4(tmp_path):
+    from compress.passes.wanda import Wanda, WandaConfig
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    ctx = ctx_for(model)
+    Wanda(WandaConfig(sparsity=0.5, mask="2:4")).apply(model, ctx)
+    zeros = {n: (m.weight == 0) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
+    GPTQ(GPTQConfig(group_size=32, symmetric=False)).apply(model, ctx)
+    save_checkpoint(model, None, tmp_path / "ck", "compressed-tensors")
+    ours, _ = load_quantized(tmp_path / "ck")
+    for name, mask in zeros.items():
+        w = ours.get_submodule(name).dequantize()
+        assert mask.float().mean() == 0.5 and torch.all(w[mask] == 0), name
+        assert torch.all((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2), name  # 2:4 still holds

@@ -97,3 +97,15 @@ def test_relative_output_error_matches_activations():
     w_hat = w + 0.01 * torch.randn_like(w)
     direct = ((x @ (w - w_hat).t()).norm() ** 2 / (x @ w.t()).norm() ** 2).item()
     assert abs(relative_output_error(w, w_hat, x.t() @ x) - direct) < 1e-9
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_keeps_pruned_weights_exactly_zero(symmetric):
+    x = correlated_inputs(1024, 64)
+    w = torch.randn(32, 64)
+    w[torch.rand(32, 64, generator=torch.Generator().manual_seed(3)) < 0.5] = 0.0
+    res = gptq_quantize(w, x.t() @ x, 4, 32, symmetric, act_order=True)
+    assert torch.all(res.weight[w == 0] == 0)
+    assert torch.all(dequantize_weight(res.codes, res.scales, res.zeros, res.g_idx)[w == 0] == 0)
+    # the kept weights are still quantized with error compensation (not left at their float values)
+    assert (res.weight[w != 0] != w[w != 0]).float().mean() > 0.5

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.algos.hessian import prepare_hessian, upper_cholesky_of_inverse
 from compress.algos.quant import QuantGrid, default_g_idx, find_grid
 
 
@@ -29,25 +30,6 @@ class GPTQResult:
     loss: float  # Σ_j (w_j - q_j)² / [H⁻¹]_jj² / 2 summed over columns (the reference code's Losses)
 
 
-def prepare_hessian(H: torch.Tensor, W: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dead inputs (H_ii = 0) get H_ii = 1 and zero weights; add λ·mean(diag H)·I. Returns (H, W, dead)."""
-    H = H.clone().float()
-    W = W.clone().float()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    damp = dampening * torch.mean(torch.diag(H))
-    H += damp * torch.eye(H.shape[0], device=H.device)
-    return H, W, dead
-
-
-def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹, the only form of the inverse GPTQ needs."""
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True)
-
-
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 128, symmetric: bool = True,
                   act_order: bool = False, static_groups: bool = False, dampening: float = 0.01,
                   block_size: int = 128) -> GPTQResult:
@@ -59,15 +41,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     friendlier to kernels).
     """
     out_f, in_f = W.shape
-    H, W, _dead = prepare_hessian(H, W, dampening)
+    # Weights that are exactly zero (pruned by an earlier pass) stay exactly zero: their code is the
+    # zero point, which every grid here represents exactly, and their error is compensated like any other.
+    pruned = W == 0
+    H, W, _dead = prepare_hessian(H.float(), W.float(), dampening)
 
     static: list[QuantGrid] | None = None
     if group_size != -1 and static_groups:
         static = [find_grid(W[:, g : g + group_size], bits, symmetric) for g in range(0, in_f, group_size)]
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W = W[:, perm]
+    pruned = pruned[:, perm]
+    has_pruned = bool(pruned.any())
     H = H[perm][:, perm]
-    Hinv = inverse_cholesky_upper(H)
+    Hinv = upper_cholesky_of_inverse(H)
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
@@ -97,6 +84,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                 col_group[j] = len(grids) - 1
             w = W1[:, i]
             q_int = torch.clamp(torch.round(w / grid.scale[:, 0]) + grid.zero[:, 0], 0, maxq)
+            if has_pruned:
+                q_int = torch.where(pruned[:, j], grid.zero[:, 0], q_int)
             q = (q_int - grid.zero[:, 0]) * grid.scale[:, 0]
             C1[:, i] = q_int
             Q1[:, i] = q
