@@ -10,7 +10,7 @@ with a warning, or fails with an error naming what to add.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -34,6 +34,13 @@ class Adapter:
     #: config attribute names for geometry
     config_keys: dict[str, str] = field(default_factory=dict)
     generic: bool = False
+    #: config key that sets the attention head dim explicitly (None: the model derives it as hidden / heads,
+    #: so head pruning cannot keep it); used by structural width pruning
+    head_dim_key: str | None = None
+    #: config keys holding one entry per decoder block (filtered when blocks are removed)
+    layer_list_keys: tuple[str, ...] = ("layer_types",)
+    #: config keys counting "the first N blocks" (e.g. Qwen2 max_window_layers); recounted over kept blocks
+    layer_prefix_keys: tuple[str, ...] = ()
 
     # --- navigation -------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -52,6 +59,10 @@ class Adapter:
         return {n: _get(block, n) for n in self.linear_names()}
 
     # --- geometry ------------------------------------------------------------------------
+    def config_key(self, what: str) -> str:
+        """The HF config attribute for ``what`` (hidden, heads, kv_heads, intermediate, layers)."""
+        return {**_DEFAULT_KEYS, **self.config_keys}[what]
+
     def geometry(self, config: Any) -> dict[str, int]:
         """Head counts, head dim, hidden and intermediate sizes from a HF config."""
         k = {**_DEFAULT_KEYS, **self.config_keys}
@@ -87,11 +98,14 @@ _LLAMA_LIKE = dict(
     ),
     attn={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"},
     mlp={"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    head_dim_key="head_dim",
 )
 
 ADAPTERS: dict[str, Adapter] = {
     t: Adapter(model_type=t, **_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3")
 }
+for _t in ("qwen2", "qwen3"):
+    ADAPTERS[_t] = replace(ADAPTERS[_t], layer_prefix_keys=("max_window_layers",))
 ADAPTERS["opt"] = Adapter(
     model_type="opt",
     blocks_path="model.decoder.layers",

@@ -203,7 +203,11 @@ def check_order(recipe: Recipe) -> None:
         if kind == "finetune" and not any(k in ("prune", "structure") for k in earlier):
             raise ConfigError(f"passes[{i}].{name}: fine-tuning needs an earlier pruning or structural pass whose masks/shapes it keeps")
         cls = get_pass_class(name)
-        if getattr(cls, "needs_calibration", False) and recipe.calibration is None:
+        # a pass whose need depends on its options says so through its config
+        needs = getattr(recipe.passes[i].config, "needs_calibration", None)
+        if needs is None:
+            needs = getattr(cls, "needs_calibration", False)
+        if needs and recipe.calibration is None:
             raise ConfigError(f"passes[{i}].{name}: needs calibration data; add `calibration: {{dataset: ..., nsamples: 128, seqlen: 2048}}`")
         if (recipe.save.format == "compressed-tensors" and getattr(recipe.passes[i].config, "act_order", False)
                 and not getattr(recipe.passes[i].config, "static_groups", True)):

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from compress.errors import ConfigError
 from compress.passes.alpha_allocation import AlphaAllocation
+from compress.passes.depth_prune import DepthPrune
 from compress.passes.gptq import GPTQ
 from compress.passes.magnitude import Magnitude
 from compress.passes.rtn import RTN
 from compress.passes.sparsegpt import SparseGPT
 from compress.passes.wanda import Wanda
+from compress.passes.width_prune import WidthPrune
 
 PASSES: dict[str, type] = {
     RTN.name: RTN,
@@ -16,6 +18,8 @@ PASSES: dict[str, type] = {
     Magnitude.name: Magnitude,
     Wanda.name: Wanda,
     SparseGPT.name: SparseGPT,
+    WidthPrune.name: WidthPrune,
+    DepthPrune.name: DepthPrune,
 }
 
 

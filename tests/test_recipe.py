@@ -103,3 +103,17 @@ def test_missing_recipe_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_calibration_need_follows_pass_options():
+    with pytest.raises(ConfigError, match="needs calibration"):
+        recipe(calibration=None, passes=[{"width_prune": {"mlp_ratio": 0.2, "importance": "taylor"}}])
+    r = recipe(calibration=None, passes=[{"width_prune": {"mlp_ratio": 0.2, "importance": "magnitude"}}])
+    assert r.passes[0].name == "width_prune"
+
+
+def test_pruning_after_quantization_is_refused():
+    with pytest.raises(ConfigError, match="before quantization"):
+        recipe(passes=[{"gptq": {"group_size": 64}}, {"wanda": {"sparsity": 0.5}}])
+    with pytest.raises(ConfigError, match="followed by a pruning pass"):
+        recipe(passes=[{"alpha_allocation": {"target_sparsity": 0.7}}, {"gptq": {}}])

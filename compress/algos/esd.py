@@ -140,4 +140,5 @@ def alpha_hill(eigs: torch.Tensor, xmin_strategy: str = "peak", bins: int = 100)
 
 def weight_alpha(weight: torch.Tensor, xmin_strategy: str = "peak", dtype: torch.dtype = torch.float64) -> PowerLawFit:
     """``alpha_hill(esd(weight))``: the per-layer metric AlphaPruning allocates sparsity by."""
-    return alpha_hill(esd(weight, dtype), xmin_strategy)
+    # the SVD runs where the weight is; the small tail fit runs on the CPU (its index tensors live there)
+    return alpha_hill(esd(weight, dtype).cpu(), xmin_strategy)

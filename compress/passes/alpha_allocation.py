@@ -41,7 +41,7 @@ class AlphaAllocationConfig(PassConfig):
     mapping: Literal["block_wise", "layer_wise"] = Field(
         "block_wise", description="block_wise: average α over each decoder block (AlphaPruning default); layer_wise: per layer")
     max_sparsity: float = Field(0.99, gt=0, le=1, description="no layer is pruned beyond this; the others absorb the rest")
-    ignore: tuple[str, ...] = Field(("lm_head",), description="modules not allocated (and so not prunable with sparsity: plan)")
+    ignore: list[str] = Field(["lm_head"], description="modules not allocated (and so not prunable with sparsity: plan)")
 
     @model_validator(mode="after")
     def _target_below_cap(self) -> "AlphaAllocationConfig":

@@ -30,7 +30,7 @@ class PruneConfig(PassConfig):
         None, description="fraction of each layer's weights set to zero, in [0, 1); 'plan' takes each layer's "
         "ratio from an earlier allocation pass; may be omitted with an N:M mask (fixed at 1 - N/M)")
     mask: str = Field("unstructured", description='unstructured, or "N:M": N weights kept of every M consecutive inputs ("2:4", "4:8")')
-    ignore: tuple[str, ...] = Field(("lm_head",), description="modules left dense: names, suffixes, globs or re:REGEX")
+    ignore: list[str] = Field(["lm_head"], description="modules left dense: names, suffixes, globs or re:REGEX")
 
     @field_validator("sparsity")
     @classmethod
