@@ -27,7 +27,6 @@ from compress.passes.rtn import RTN, RTNConfig
 
 from compress.passes.alpha_allocation import AlphaAllocation, AlphaAllocationConfig
 from compress.passes.magnitude import Magnitude
-from compress.passes.pruning import PruneConfig
 from compress.passes.sparsegpt import SparseGPT
 from compress.passes.wanda import Wanda
 

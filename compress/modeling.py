@@ -82,7 +82,7 @@ def load_model(model: str, dtype: str = "float32", device: str = "cpu", trust_re
         hint = ""
         if not Path(target).exists():
             hint = (" (no local folder of that name; the hub is unreachable or the id is wrong. Pass a local "
-                    f"folder, or for the default model run `compress prepare-default`)")
+                    "folder, or for the default model run `compress prepare-default`)")
         raise CompressError(f"could not load model {model!r}: {str(e).splitlines()[0]}{hint}") from None
     if gguf is not None:
         # transformers dequantizes GGUF tensors to floats but keeps a quantizer marker that blocks

@@ -151,12 +151,12 @@ def test_plan_without_allocation_fails_before_work(base_model, calib):
 def test_lm_head_must_stay_ignored(base_model, calib):
     model = copy.deepcopy(base_model)
     with pytest.raises(ConfigError, match="lm_head"):
-        Magnitude(MagnitudeConfig(sparsity=0.5, ignore=())).apply(model, make_ctx(model, calib))
+        Magnitude(MagnitudeConfig(sparsity=0.5, ignore=[])).apply(model, make_ctx(model, calib))
 
 
 def test_ignore_leaves_layers_dense(base_model, calib):
     model = copy.deepcopy(base_model)
-    report = Magnitude(MagnitudeConfig(sparsity=0.5, ignore=("lm_head", "mlp.down_proj"))).apply(model, make_ctx(model, calib))
+    report = Magnitude(MagnitudeConfig(sparsity=0.5, ignore=["lm_head", "mlp.down_proj"])).apply(model, make_ctx(model, calib))
     assert "model.layers.1.mlp.down_proj" in report.ignored
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, base_model.model.layers[1].mlp.down_proj.weight)
 

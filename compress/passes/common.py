@@ -24,6 +24,18 @@ def matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
     return False
 
 
+def select_linear(name: str, module: nn.Module, ignore: list[str], ignored: list[str]) -> bool:
+    """True when a pass should touch ``module``; ignored names are recorded for the report."""
+    if matches(name, ignore):
+        ignored.append(name)
+        return False
+    if not isinstance(module, nn.Linear):
+        from compress.errors import ConfigError
+
+        raise ConfigError(f"{name} is {type(module).__name__}, not nn.Linear; add it to `ignore` to skip it")
+    return True
+
+
 def linear_names_outside_blocks(model: nn.Module, blocks_path: str) -> list[str]:
     return [n for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and not n.startswith(blocks_path + ".")]

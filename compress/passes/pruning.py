@@ -20,7 +20,7 @@ from compress.algos.sparsity import check_nm, parse_mask
 from compress.context import PassContext, PassReport
 from compress.errors import ConfigError
 from compress.passes.base import PassConfig
-from compress.passes.common import count_zeros, linear_names_outside_blocks, matches, mean_of, run_calibrated
+from compress.passes.common import select_linear, count_zeros, linear_names_outside_blocks, matches, mean_of, run_calibrated
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,8 @@ class PruneHandler:
         self.ignored: list[str] = []
 
     def selected(self, name: str, module: nn.Module) -> bool:
-        if matches(name, self.config.ignore):
-            self.ignored.append(name)
+        if not select_linear(name, module, self.config.ignore, self.ignored):
             return False
-        if not isinstance(module, nn.Linear):
-            raise ConfigError(f"{name} is {type(module).__name__}, not nn.Linear; add it to `ignore` to skip it")
         nm = self.config.nm
         if nm is not None:
             try:

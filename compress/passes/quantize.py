@@ -19,7 +19,7 @@ from compress.errors import ConfigError
 from compress.nn.qlinear import QuantizedLinear
 from compress.observers import HessianObserver
 from compress.passes.base import PassConfig
-from compress.passes.common import linear_names_outside_blocks, matches, mean_of, run_calibrated
+from compress.passes.common import select_linear, linear_names_outside_blocks, matches, mean_of, run_calibrated
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,7 @@ class QuantHandler:
         self.ignored: list[str] = []
 
     def selected(self, name: str, module: nn.Module) -> bool:
-        if matches(name, self.config.ignore):
-            self.ignored.append(name)
-            return False
-        if not isinstance(module, nn.Linear):
-            raise ConfigError(f"{name} is {type(module).__name__}, not nn.Linear; add it to `ignore` to skip it")
-        return True
+        return select_linear(name, module, self.config.ignore, self.ignored)
 
     def observer(self, name: str, module: nn.Module) -> HessianObserver | None:
         return HessianObserver(module.in_features, self.device) if self.selected(name, module) else None
