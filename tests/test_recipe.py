@@ -117,3 +117,8 @@ def test_pruning_after_quantization_is_refused():
         recipe(passes=[{"gptq": {"group_size": 64}}, {"wanda": {"sparsity": 0.5}}])
     with pytest.raises(ConfigError, match="followed by a pruning pass"):
         recipe(passes=[{"alpha_allocation": {"target_sparsity": 0.7}}, {"gptq": {}}])
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("recipes").glob("*.yaml")))
+def test_shipped_recipes_are_valid(path):
+    assert load_recipe(path).passes
