@@ -18,7 +18,7 @@ from compress.adapters import get_adapter
 from compress.calibration import build_calibration
 from compress.context import PassContext, PassReport
 from compress.eval.perplexity import PerplexityResult, eval_text, perplexity
-from compress.eval.report import model_card, render_markdown, summary_table
+from compress.eval.report import model_card, render_markdown
 from compress.formats.io import check_output_path, save_checkpoint, save_reports_only
 from compress.modeling import load_model, resolve_device
 from compress.recipe import Recipe
@@ -181,6 +181,6 @@ def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
     report["warnings"] += warnings
     for name, text in files().items():  # rewrite with the final size and warnings
         (output / name).write_text(text)
-    log.info("done in %.1f s\n%s", time.perf_counter() - t_start, summary_table(report))
+    log.info("done in %.1f s", time.perf_counter() - t_start)
     return RunResult(report=report, output=output, model=model if keep_model else None,
                      tokenizer=tok if keep_model else None)
