@@ -47,7 +47,6 @@ class PassContext:
     ``calibration`` is built lazily on first use and shared by all passes of the run.
     ``sparsity_plan`` maps module names to sparsity ratios; allocation passes write it and pruning
     passes with ``sparsity: plan`` read it.
-    ``teacher_state`` holds what a later pass needs from the model as it was before the first pass.
     """
 
     adapter: "Adapter"
@@ -57,8 +56,6 @@ class PassContext:
     calibration_factory: Any = None  # () -> CalibrationData
     sparsity_plan: dict[str, float] | None = None
     plan_info: dict[str, Any] = field(default_factory=dict)
-    offload: bool = True
-    extras: dict[str, Any] = field(default_factory=dict)
     _calibration: "CalibrationData | None" = None
 
     @property

@@ -121,10 +121,12 @@ def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
     }
 
     eval_ids = None
+    eval_texts: list[str] = []
     if ppl_spec is not None:
         from compress.eval.perplexity import tokenize_stream
 
-        eval_ids = tokenize_stream(tok, eval_text(ppl_spec.dataset))
+        eval_texts = [eval_text(ppl_spec.dataset)]  # read once: scored here, and kept out of calibration
+        eval_ids = tokenize_stream(tok, eval_texts[0])
         if ppl_spec.original:
             res = perplexity(model, tok, ppl_spec.dataset, ppl_spec.seqlen, ppl_spec.max_windows, device, ids=eval_ids)
             report["eval"]["perplexity"] = {"original": res.to_dict()}
@@ -136,7 +138,6 @@ def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
     calib_factory = None
     if recipe.calibration is not None:
         c = recipe.calibration
-        eval_texts = [eval_text(ppl_spec.dataset)] if ppl_spec is not None else []
         calib_factory = partial(build_calibration, tok, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field,
                                 c.split, c.subset, eval_texts, c.allow_eval_overlap)
     ctx = PassContext(adapter=adapter, device=device, seed=recipe.calibration.seed if recipe.calibration else 0,

@@ -38,11 +38,9 @@ QuantizeFn = Callable[[torch.Tensor, torch.Tensor | None], tuple[Any, ...]]
 class QuantHandler:
     """Sequential-runner handler: observe Hessians, quantize, swap in QuantizedLinear."""
 
-    def __init__(self, config: QuantConfig, quantize: QuantizeFn, needs_hessian: bool, device: torch.device,
-                 act_order: bool = False):
+    def __init__(self, config: QuantConfig, quantize: QuantizeFn, device: torch.device, act_order: bool = False):
         self.config = config
         self.quantize = quantize
-        self.needs_hessian = needs_hessian
         self.device = device
         self.act_order = act_order
         self.ignored: list[str] = []
@@ -103,7 +101,7 @@ def apply_quantization(model: nn.Module, ctx: PassContext, config: QuantConfig, 
     if outside:
         raise ConfigError(f"ignore: {', '.join(outside)} lie outside the decoder blocks and cannot be quantized "
                           "yet; keep them in `ignore` (default: [lm_head])")
-    handler = QuantHandler(config, quantize, needs_hessian, ctx.device, act_order)
+    handler = QuantHandler(config, quantize, ctx.device, act_order)
     if needs_hessian or ctx.has_calibration:
         report.modules = run_calibrated(model, ctx, handler, desc=report.name)
     else:
