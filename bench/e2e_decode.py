@@ -3,8 +3,10 @@
 ``gpu``: a Llama-2-7B-shaped model with random fp16 weights (built from a LlamaConfig, no download).
 Times prefill and decode with a static KV cache, eagerly and with the decode step captured in a
 CUDA graph (``compress.kernels.gpu_timing``); then quantizes every decoder linear layer with
-``rtn_quantize`` (lm_head stays fp16), installs the Triton kernel via ``accelerate``, tunes it for
-batch 1, checks the model's logits against the dequantize reference path, and times it again.
+``rtn_quantize`` (lm_head stays fp16), installs the GPU kernels via ``accelerate`` (the CUDA W4A16
+kernel where it can run, else Triton), tunes them for batch 1, checks the
+model's logits against the dequantize reference path, frees each layer's uint8 codes
+(``QuantizedLinear.release_codes``; memory before and after is reported) and times it again.
 
 ``cpu``: a local model folder (default: the prepared SmolLM2-135M) in float32 vs the same model with
 RTN INT4 layers on torch's CPU int4 kernel; eager timing with ``compress.eval.latency``.
@@ -18,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress.adapters import set_submodule  # noqa: E402
 from compress.algos.quant import default_g_idx, rtn_quantize  # noqa: E402
 from compress.kernels import accelerate, tune_triton  # noqa: E402
+from compress.kernels.dispatch import packed_weights  # noqa: E402
 from compress.nn.qlinear import QuantizedLinear  # noqa: E402
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -87,14 +91,24 @@ def run_gpu(args: argparse.Namespace) -> dict:
     out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric)
     torch.cuda.empty_cache()
     report = accelerate(model, backend="triton", large_m=args.large_m, plane_width=args.plane_width)
+    packed = packed_weights(model)
     out["kernels"] = report.counts()
+    out["packed_kernels"] = dict(Counter(getattr(w, "kernel", "?") for w in packed.values()))
     out["large_m"] = args.large_m
     out["plane_width"] = args.plane_width
-    tune_triton(model, (1,))
+    out["tuned"] = {str(k): v.as_dict() for k, v in tune_triton(model, (1,)).items()}
     out["prepare_s"] = time.time() - t0
     out["logits_rel_err_vs_dequant"] = logits_check(model, LLAMA2_7B["vocab_size"])
-    print(f"quantized {out['quantized_layers']} layers, kernels {out['kernels']}, logits rel err vs dequant "
-          f"{out['logits_rel_err_vs_dequant']:.2e}", flush=True)
+    torch.cuda.synchronize()
+    out["allocated_gib_with_codes"] = torch.cuda.memory_allocated() / 2**30
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantizedLinear) and name in packed:
+            mod.release_codes(packed[name].restore_codes)
+    torch.cuda.empty_cache()
+    out["allocated_gib_codes_released"] = torch.cuda.memory_allocated() / 2**30
+    print(f"quantized {out['quantized_layers']} layers, kernels {out['kernels']} {out['packed_kernels']}, logits rel "
+          f"err vs dequant {out['logits_rel_err_vs_dequant']:.2e}, GPU memory {out['allocated_gib_with_codes']:.2f} GiB"
+          f" -> {out['allocated_gib_codes_released']:.2f} GiB after releasing the uint8 codes", flush=True)
     timed("int4")
     for mode in ("eager", "cuda_graph"):
         f, q = out["runs"][f"fp16_{mode}"], out["runs"][f"int4_{mode}"]
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=None, help="default: 128 (gpu), 64 (cpu: 576 = 4.5 x 128)")
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--large-m", default="dequant", choices=["dequant", "triton"], help="gpu: prefill path")
-    ap.add_argument("--plane-width", type=int, default=16, choices=[16, 32, 64], help="gpu: packing width")
+    ap.add_argument("--plane-width", type=int, default=16, choices=[16, 32, 64], help="gpu: Triton packing width")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--with-fallback", action="store_true", help="cpu: also time the dequantize fallback")
     ap.add_argument("--quantize-lm-head", action="store_true",

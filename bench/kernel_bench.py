@@ -1,15 +1,17 @@
-"""W4A16 kernel vs fp16 cuBLAS vs torch's tinygemm int4 kernel, on Llama-sized matrices (GPU).
+"""W4A16 kernels vs fp16 cuBLAS vs torch's tinygemm int4 kernel, on Llama-sized matrices (GPU).
 
-For each (out, in) shape and batch M: checks our kernel against a float64 reference on fresh
-random inputs (poisoned output buffer where the kernel writes directly), tunes its config, then times
-(per-call device time of 64 calls captured in one CUDA graph, cycling over enough weight copies
-that they do not fit in L2, so weights come from HBM and no host launch overhead counts: the
-setting of graph-captured decode; median of 5 replays):
+For each (out, in) shape and batch M: tunes our CUDA kernel (``cuda_w4a16``, every candidate
+config) and checks the chosen config and the untuned default against a float64 reference on
+fresh random inputs (outputs poisoned with NaN first), then times (per-call device time of 64 calls
+captured in one CUDA graph, cycling over enough weight copies that they do not fit in L2, so weights
+come from HBM and no host launch overhead counts: the setting of graph-captured decode; median of 5
+replays):
 
 - ``fp16``: ``F.linear`` on the fp16 weight (cuBLAS);
-- ``ours``: our kernel with the best tuned config and plane width (and the untuned default);
+- ``ours``: the CUDA kernel with the best tuned config; ``ours_default``: its untuned default;
+- ``triton``: the Triton kernel (plane width 16) with its default config, the previous path;
 - ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, g128), as a reference row;
-- for M > 16 also ``dequant``: our dequantize kernel + cuBLAS.
+- for M > 16: ``ours`` is the public path, dequantize (CUDA kernel) + cuBLAS.
 
 Achieved GB/s counts the bytes each method must read or write once: weights (int4 codes + fp16
 scales + uint8 zeros for ours; fp16 for cuBLAS; codes + bf16 scales-and-zeros for tinygemm),
@@ -32,28 +34,38 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize  # noqa: E402
+from compress.kernels import cuda_w4a16 as cw  # noqa: E402
 from compress.kernels import triton_w4a16 as tw  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (8192, 8192)]
 BATCHES = [1, 4, 16]
 
 
-def bench_ms(fn) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def copy_bandwidth() -> float:
-    """Device-to-device copy GB/s (bytes read + written), the memory ceiling."""
+    """Device-to-device copy GB/s (bytes read + written), the memory ceiling (median of 20)."""
     a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    ms = bench_ms(lambda: b.copy_(a))
-    return 2 * a.numel() / ms / 1e6
+    b.copy_(a)
+    times = []
+    for _ in range(20):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return 2 * a.numel() / statistics.median(times) / 1e6
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm())
+
+
+def poisoned_err(fn, m: int, n: int, ref: torch.Tensor) -> float:
+    """Relative error of ``fn(out)`` written into a NaN-filled buffer (NaN if anything is unwritten)."""
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+    y = fn(out)
+    return rel_err(y, ref) if bool(torch.isfinite(y).all()) else float("nan")
 
 
 def tinygemm_setup(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gs: int):
@@ -65,10 +77,11 @@ def tinygemm_setup(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gs: int):
     return packed, sz
 
 
-def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], widths: list[int]) -> list[dict]:
+def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy_gbps: float) -> list[dict]:
     torch.manual_seed(n * 7 + k)
     w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
     q, s, z = rtn_quantize(w, 4, gs, symmetric)
+    s = s.to(torch.float16)
     g = default_g_idx(k, gs, device="cuda")
     wref = dequantize_weight(q, s, z, g).double()
     wdq16 = wref.to(torch.float16)  # the fp16 baseline multiplies the same (dequantized) weight
@@ -77,66 +90,67 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], widt
     except Exception as e:  # a torch build without the CUDA int4 kernel: leave the row out
         print(f"tinygemm unavailable: {e}", flush=True)
         tg = None
-    # Plane width is a packing choice made at load: tune batch 1 for each, keep the fastest.
-    per_width = {}
-    for width in widths:
-        wt_w = tw.repack(q, s, z, g, 4, symmetric, None, "cuda", width=width)
-        cfg, sweep = tw.tune(wt_w, 1)
-        per_width[width] = (min(r["ms"] for r in sweep), wt_w, sorted(sweep, key=lambda r: r["ms"])[:6])
-    width = min(per_width, key=lambda wd: per_width[wd][0])
-    wt = per_width[width][1]
-    groups = wt.n_groups
+    wt = tw.repack(q, s, z, g, 4, symmetric, None, "cuda", kernel="cuda")
+    wtt = tw.repack(q, s, z, g, 4, symmetric, None, "cuda", width=16, kernel="triton")
     rows = []
     for m in batches:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = x.double() @ wref.t()
-        row = {"out": n, "in": k, "batch": m, "group_size": gs, "symmetric": symmetric, "width": width,
-               "batch1_ms_per_width": {wd: v[0] for wd, v in per_width.items()}}
-        default_cfg = tw.default_config(m, n, wt.n_blocks)
-        row["err_ours_default"] = rel_err(tw.launch(x, wt, default_cfg), ref)
-        if default_cfg.split_k == 1:
-            poisoned = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-            row["all_written"] = bool(torch.isfinite(tw.launch(x, wt, default_cfg, out=poisoned)).all())
+        row = {"out": n, "in": k, "batch": m, "group_size": gs, "symmetric": symmetric}
+        t0 = time.time()
+        if m <= 16:
+            best, sweep = tw.tune(wt, m)
+            row["sweep"] = sorted(sweep, key=lambda r: r["ms"])
+            default_cfg = cw.default_config(m, n)
+            row["best_config"], row["default_config"] = best.as_dict(), default_cfg.as_dict()
+            xe = torch.randn(m, k, device="cuda", dtype=torch.float16)  # fresh input for the checks
+            ref_e = xe.double() @ wref.t()
+            row["err_ours_best"] = poisoned_err(lambda o: cw.matmul(xe, wt, best, o), m, n, ref_e)
+            row["err_ours_default"] = poisoned_err(lambda o: cw.matmul(xe, wt, default_cfg, o), m, n, ref_e)
+            tcfg = tw.default_config(m, n, wtt.n_blocks)
+            row["triton_config"] = tcfg.as_dict()
+            row["err_triton"] = rel_err(tw.launch(x, wtt, tcfg), ref)
+        else:
+            row["err_ours_best"] = rel_err(tw.w4a16_matmul(x, wt), ref)
+        row["tune_s"] = time.time() - t0
         row["err_fp16"] = rel_err(F.linear(x, wdq16), ref)
         xb = x.to(torch.bfloat16)
         if tg is not None:
             row["err_tinygemm"] = rel_err(torch.ops.aten._weight_int4pack_mm(xb, tg[0], gs, tg[1]), ref)
-        if m == 1:
-            best, row["sweep"] = wt.configs[1], per_width[width][2]
-        elif m <= 16:
-            best, sweep = tw.tune(wt, m)
-            row["sweep"] = sorted(sweep, key=lambda r: r["ms"])[:6]
-        else:
-            best = default_cfg
-        row["best_config"] = best.as_dict()
-        row["err_ours_best"] = rel_err(tw.launch(x, wt, best), ref)
         copies16 = [wdq16] + [wdq16.clone() for _ in range(tw.copies_for(n * k * 2) - 1)]
-        copies4 = [wt] + [wt.clone() for _ in range(tw.copies_for(wt.nbytes()) - 1)]
-        t = {
-            "fp16": tw.graph_time_ms([lambda c=c: F.linear(x, c) for c in copies16]),
-            "ours": tw.graph_time_ms([lambda c=c: tw.launch(x, c, best) for c in copies4]),
-            "ours_default": tw.graph_time_ms([lambda c=c: tw.launch(x, c, default_cfg) for c in copies4]),
-        }
+        ncopy = tw.copies_for(wt.nbytes())
+        copies4 = [wt] + [wt.clone() for _ in range(ncopy - 1)]
+        t = {"fp16": tw.graph_time_ms([lambda c=c: F.linear(x, c) for c in copies16])}
+        if m <= 16:
+            t["ours"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, best) for c in copies4])
+            t["ours_default"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, default_cfg) for c in copies4])
+            del copies4
+            copiest = [wtt] + [wtt.clone() for _ in range(ncopy - 1)]
+            t["triton"] = tw.graph_time_ms([lambda c=c: tw.launch(x, c, tcfg) for c in copiest])
+            del copiest
+        else:
+            t["ours"] = tw.graph_time_ms([lambda c=c: tw.w4a16_matmul(x, c) for c in copies4])
+            del copies4
         if tg is not None:
             tgs = [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(tw.copies_for(n * k // 2) - 1)]
             t["tinygemm"] = tw.graph_time_ms([lambda c=c: torch.ops.aten._weight_int4pack_mm(xb, c[0], gs, c[1])
                                               for c in tgs])
+            del tgs
+        del copies16
         act = m * k * 2 + m * n * 2
-        nbytes = {"fp16": n * k * 2 + act, "ours": wt.nbytes() + act, "ours_default": wt.nbytes() + act,
-                  "tinygemm": n * k // 2 + groups * n * 4 + act}
-        if m > 16:
-            row["err_dequant"] = rel_err(tw.dequant_matmul(x, wt), ref)
-            t["dequant"] = tw.graph_time_ms([lambda c=c: tw.dequant_matmul(x, c) for c in copies4])
-            nbytes["dequant"] = wt.nbytes() + n * k * 4 + act
-        del copies16, copies4
+        ours_bytes = wt.nbytes() + act + (n * k * 4 if m > 16 else 0)  # + writing and reading W for dequant
+        nbytes = {"fp16": n * k * 2 + act, "ours": ours_bytes, "ours_default": ours_bytes,
+                  "triton": wtt.nbytes() + act, "tinygemm": n * k // 2 + wt.n_groups * n * 4 + act}
         row["us"] = {key: v * 1e3 for key, v in t.items()}
         row["gbps"] = {key: nbytes[key] / (t[key] * 1e6) for key in t}
         row["speedup_vs_fp16"] = {key: t["fp16"] / t[key] for key in t if key != "fp16"}
-        row["speedup_vs_fp16"].setdefault("tinygemm", float("nan"))
+        row["floor_us"] = (wt.nbytes() + act) / copy_gbps / 1e3
         rows.append(row)
-        print(f"{n:>6}x{k:<6} M={m:<4} fp16 {t['fp16']*1e3:8.1f}us  ours {t['ours']*1e3:8.1f}us "
-              f"({row['speedup_vs_fp16']['ours']:.2f}x, {row['gbps']['ours']:.0f} GB/s, width {width})  "
-              f"tinygemm {row['speedup_vs_fp16']['tinygemm']:.2f}x  err {row['err_ours_best']:.1e}", flush=True)
+        sp = row["speedup_vs_fp16"]
+        print(f"{n:>6}x{k:<6} M={m:<4} fp16 {t['fp16']*1e3:7.1f}us  ours {t['ours']*1e3:7.1f}us ({sp['ours']:.2f}x, "
+              f"{row['gbps']['ours']:.0f} GB/s) triton {sp.get('triton', float('nan')):.2f}x tinygemm "
+              f"{sp.get('tinygemm', float('nan')):.2f}x err {row['err_ours_best']:.1e} "
+              f"best {row.get('best_config')} [{row['tune_s']:.0f}s tune]", flush=True)
     torch.cuda.empty_cache()
     return rows
 
@@ -148,35 +162,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--large-m", default="512", help="extra prefill-sized batches (comma list, '' for none)")
-    ap.add_argument("--widths", default="16,32,64", help="plane widths to try (packing layouts)")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x8192 (default: the five Llama shapes)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA GPU", file=sys.stderr)
         return 2
     batches = [int(b) for b in args.batches.split(",") if b] + [int(b) for b in args.large_m.split(",") if b]
+    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     t0 = time.time()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "copy_gbps": copy_bandwidth(), "rows": [],
-              "timing": "CUDA graph of 64 calls over rotated weight copies (>= 4x L2), median of 5 replays"}
     import triton
 
-    result["triton"] = triton.__version__
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_bandwidth(), "rows": [],
+              "timing": "CUDA graph of 64 calls over rotated weight copies (>= 4x L2), median of 5 replays"}
     print(f"device {result['device']}, copy bandwidth {result['copy_gbps']:.0f} GB/s", flush=True)
-    for n, k in SHAPES:
-        result["rows"] += run_shape(n, k, args.group_size, args.symmetric, batches,
-                                    [int(w) for w in args.widths.split(",")])
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive a timeout
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for n, k in shapes:
+        result["rows"] += run_shape(n, k, args.group_size, args.symmetric, batches, result["copy_gbps"])
+        out.write_text(json.dumps(result, indent=1))  # partial results survive a timeout
     result["seconds"] = time.time() - t0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print("\nshape            M   fp16_us  ours_us  x_fp16  GB/s  tinygemm_x  err")
+    out.write_text(json.dumps(result, indent=1))
+    print("\nshape          M  fp16_us ours_us  x_fp16  GB/s  default_x triton_x tinygemm_x  err")
+    nan = float("nan")
     for r in result["rows"]:
-        print(f"{r['out']:>6}x{r['in']:<6} {r['batch']:>4} {r['us']['fp16']:8.1f} {r['us']['ours']:8.1f} "
-              f"{r['speedup_vs_fp16']['ours']:6.2f} {r['gbps']['ours']:6.0f} {r['speedup_vs_fp16']['tinygemm']:8.2f}"
-              f"  {r['err_ours_best']:.1e}")
+        sp = r["speedup_vs_fp16"]
+        print(f"{r['out']:>6}x{r['in']:<6} {r['batch']:>3} {r['us']['fp16']:7.1f} {r['us']['ours']:7.1f} "
+              f"{sp['ours']:6.2f} {r['gbps']['ours']:6.0f} {sp.get('ours_default', nan):8.2f} {sp.get('triton', nan):8.2f} "
+              f"{sp.get('tinygemm', nan):8.2f}  {r['err_ours_best']:.1e}")
     big = [r["speedup_vs_fp16"]["ours"] for r in result["rows"] if r["batch"] == 1 and r["out"] * r["in"] > 4096 * 4096]
-    print(f"batch-1 speedup on the larger shapes: median {statistics.median(big):.2f}x")
+    if big:
+        print(f"batch-1 speedup on the larger shapes: median {statistics.median(big):.2f}x")
     return 0
 
 

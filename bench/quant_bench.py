@@ -37,7 +37,7 @@ PRUNING = {
 }
 for cls in (Wanda, SparseGPT):
     PRUNING[f"{cls.name}-70%-uniform"] = [(cls, cls.config_class(sparsity=0.7))]
-    for eps in (0.3, 0.2):
+    for eps in (0.1, 0.2, 0.3, 0.5):
         PRUNING[f"{cls.name}-70%-alpha-eps{eps}"] = [
             (AlphaAllocation, AlphaAllocationConfig(target_sparsity=0.7, epsilon=eps)),
             (cls, cls.config_class(sparsity="plan"))]

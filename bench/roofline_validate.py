@@ -1,5 +1,9 @@
 """Compare roofline estimates with measured latencies, and measure this CPU's.
 
+GPU rows come from bench/gpu_latency.py (run on the GPU; it prints this comparison too), e.g.
+bench/results/roofline_validate_gpu_h100.json; the device terms they are compared against come from
+bench/measure_gpu.py (docs/roofline.md, Validation).
+
 Measurement files are JSON lists of rows::
 
     {"device": "h200" | "h100" | "this-machine", "model": <config dict or built-in name or path>,
@@ -8,12 +12,15 @@ Measurement files are JSON lists of rows::
 
 Optional keys: "kv_cache" ("static"/"dynamic"; default dynamic for eager rows, static otherwise, as
 transformers' DynamicCache copies itself with torch.cat every step), "prefill_logits" ("all"/"last"),
-"compression" (a CompressionSpec dict, e.g. {"weight_bits": 4, "group_size": 128}).
+"max_cache_len" (static cache slots), "implementation" ("transformers", the default, or "fused"),
+"compression" (a CompressionSpec dict, e.g. {"weight_bits": 4, "group_size": 128}). Rows with mode
+"eager" are estimated with ``execution: eager`` (bounded by the device's host_overhead), the others
+with ``execution: graph``.
 
-For each row the table gives the estimate with the device's fixed overhead (``est``), the pure
-roofline floor without it (``floor``), and est/measured. Usage::
+For each row the table gives the estimate with the device's fixed costs (``est``), the pure
+roofline floor without them (``floor``), and est/measured. Usage::
 
-    python bench/roofline_validate.py                                  # bench/results/*_latency_*.json
+    python bench/roofline_validate.py          # bench/results/*_latency_*.json and roofline_validate_gpu_*.json
     python bench/roofline_validate.py bench/results/gpu_latency_h200.json
     python bench/roofline_validate.py --measure-cpu bench/results/cpu_latency_this-machine.json
 """
@@ -47,7 +54,7 @@ def _model_label(row: dict[str, Any]) -> str:
     return str(model)
 
 
-def validate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def validate_rows(rows: list[dict[str, Any]], overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     out = []
     for i, row in enumerate(rows):
         missing = [k for k in REQUIRED if k not in row]
@@ -56,7 +63,12 @@ def validate_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kv = row.get("kv_cache") or ("dynamic" if row["mode"] == "eager" else "static")
         spec = {"device": row["device"], "dtype": row["dtype"], "batch": row["batch"], "prompt": row["prompt"],
                 "generate": row["generate"], "kv_cache": kv,
-                "prefill_logits": row.get("prefill_logits", "all")}
+                "prefill_logits": row.get("prefill_logits", "all"),
+                "execution": "eager" if row["mode"] == "eager" else "graph",
+                "implementation": row.get("implementation", "transformers")}
+        if row.get("max_cache_len"):
+            spec["max_cache_len"] = row["max_cache_len"]
+        spec.update(overrides or {})
         est = estimate(row["model"], spec, compression=row.get("compression"))
         floor = estimate(row["model"], {**spec, "overhead": False}, compression=row.get("compression"))
         out.append({
@@ -84,6 +96,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{r['decode_est'] / r['decode_measured']:>9.2f}{r['decode_floor']:>9.2f}")
     if any(r["compression"] for r in results):
         print("* compressed row (its 'compression' settings were passed to the estimate)")
+    for device, mode in sorted({(r["device"], r["mode"]) for r in results}):
+        sel = [r for r in results if (r["device"], r["mode"]) == (device, mode)]
+        ratios = [r[f"{p}_est"] / r[f"{p}_measured"] for r in sel for p in ("prefill", "decode")]
+        inside = sum(0.85 <= x <= 1.15 for x in ratios)
+        print(f"{device} {mode}: est/meas {min(ratios):.2f}-{max(ratios):.2f}, {inside} of {len(ratios)} "
+              f"within 15 %")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +167,9 @@ def main() -> int:
         if args.measure_cpu:
             measure_cpu(args.measure_cpu, args.model_dir, args.prompts, args.generate, args.repeats,
                         args.warmup, args.threads, args.clock)
-        files = args.files or sorted(glob.glob(str(REPO / "bench" / "results" / "*_latency_*.json")))
+        results_dir = REPO / "bench" / "results"
+        files = args.files or sorted(glob.glob(str(results_dir / "*_latency_*.json"))
+                                     + glob.glob(str(results_dir / "roofline_validate_gpu_*.json")))
         if args.measure_cpu and not args.files:
             files = [str(args.measure_cpu)]
         rows: list[dict[str, Any]] = []

@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import platform
+import sys
 import time
 from typing import Any
 
@@ -59,28 +60,38 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="latency repeats (median reported); 0 skips latency")
+    ap.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                    help="latency clock: thread = CPU time of the calling thread (needs --threads 1; robust on a busy machine)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (latency is only meaningful on the CPU here)")
+    ap.add_argument("--eval-text", default="wikitext2", help="wikitext2 (../shared/assets) or a path to wiki.test.raw")
+    ap.add_argument("--no-ppl", action="store_true", help="skip perplexity (latency and parameter counts only)")
     ap.add_argument("--out", default=None, help="write JSON results here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    loaded = load_model(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    loaded = load_model(args.model, device=args.device)
     base, tok = loaded.model, loaded.tokenizer
-    ids = tokenize_stream(tok, eval_text("wikitext2"))
-    calib = build_calibration(tok, args.calibration, args.nsamples, args.calib_seqlen, seed=0,
-                              eval_texts=[eval_text("wikitext2")])
+    text = eval_text(args.eval_text)
+    ids = tokenize_stream(tok, text)
+    calib = build_calibration(tok, args.calibration, args.nsamples, args.calib_seqlen, seed=0, eval_texts=[text])
 
     def latency(model) -> dict[str, Any]:
         if args.repeats <= 0:
             return {}
-        r = measure_latency(model, args.prefill, args.decode, batch=1, repeats=args.repeats, warmup=1)
+        r = measure_latency(model, args.prefill, args.decode, batch=1, repeats=args.repeats, warmup=1, clock=args.clock)
         return {"prefill_ms": r["prefill_ms"], "decode_ms_per_token": r["decode_ms_per_token"]}
 
     def score(name: str, model, extra: dict[str, Any], timed: bool) -> dict[str, Any]:
-        res = perplexity(model, tok, "wikitext2", args.seqlen, args.max_windows, ids=ids)
-        row = {"setting": name, "perplexity": res.perplexity, "params": count_params(model), **extra,
-               "windows": res.windows, "total_windows": res.total_windows, **(latency(model) if timed else {})}
+        res = None if args.no_ppl else perplexity(model, tok, args.eval_text, args.seqlen, args.max_windows, ids=ids)
+        row = {"setting": name, "perplexity": res.perplexity if res else float("nan"), "params": count_params(model),
+               **extra, "windows": res.windows if res else 0, "total_windows": res.total_windows if res else 0,
+               **(latency(model) if timed else {})}
         lat = f", prefill {row['prefill_ms']:.0f} ms, decode {row['decode_ms_per_token']:.1f} ms/token" if "prefill_ms" in row else ""
-        print(f"{name}: ppl {res.perplexity:.3f}, {row['params']:,} params{lat}", flush=True)
+        print(f"{name}: ppl {row['perplexity']:.3f}, {row['params']:,} params{lat}", flush=True)
         return row
 
     rows = [score("original", base, {"prune_seconds": 0.0}, True)]
@@ -88,14 +99,18 @@ def main() -> None:
         for j, crit in enumerate(args.criteria.split(",")):
             cfg = WidthPruneConfig(mlp_ratio=ratio, head_ratio=args.head_ratio, head_mode=args.head_mode,
                                    importance=crit, taylor_samples=args.taylor_samples)
-            rows.append(_run(f"width {ratio:.0%} {crit}", WidthPrune(cfg), base, calib, score, timed=j == 0))
+            rows.append(_run(f"width {ratio:.0%} {crit}" + (f" heads {args.head_ratio:.0%}" if args.head_ratio else ""),
+                             WidthPrune(cfg), base, calib, score, timed=j == 0, dev=dev))
     for n in _ints(args.depths):
         rows.append(_run(f"depth -{n} {args.depth_metric}", DepthPrune(DepthPruneConfig(num_blocks=n, metric=args.depth_metric)),
-                         base, calib, score, timed=True))
+                         base, calib, score, timed=True, dev=dev))
 
     meta = {"model": args.model, "calibration": calib.describe(), "seqlen": args.seqlen,
-            "latency": {"prefill": args.prefill, "decode": args.decode, "batch": 1, "repeats": args.repeats},
-            "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
+            "latency": {"prefill": args.prefill, "decode": args.decode, "batch": 1, "repeats": args.repeats,
+                        "clock": args.clock},
+            "machine": torch.cuda.get_device_name(0) if dev.type == "cuda" else
+                       f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
+            "command": " ".join(sys.argv),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     print(f"\n{args.model}; WikiText-2 seqlen {args.seqlen}, {rows[0]['windows']}/{rows[0]['total_windows']} windows; "
           f"calibration {args.nsamples} x {args.calib_seqlen}; latency prefill {args.prefill} + decode {args.decode}, batch 1, "
@@ -110,9 +125,9 @@ def main() -> None:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
 
-def _run(name: str, pass_, base, calib, score, timed: bool) -> dict[str, Any]:
+def _run(name: str, pass_, base, calib, score, timed: bool, dev: torch.device) -> dict[str, Any]:
     model = copy.deepcopy(base)
-    ctx = PassContext(adapter=get_adapter(model), device=torch.device("cpu"), calibration_factory=lambda: calib)
+    ctx = PassContext(adapter=get_adapter(model), device=dev, calibration_factory=lambda: calib)
     t0 = time.perf_counter()
     report = pass_.apply(model, ctx)
     extra = {"prune_seconds": round(time.perf_counter() - t0, 1), "summary": report.summary}

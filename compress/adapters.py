@@ -2,22 +2,50 @@
 
 An ``Adapter`` says where the decoder blocks are, which linear layers a block has in true-sequential
 order (groups whose inputs are the same tensor are compressed together, each group after the previous
-one was compressed), and the attention/MLP geometry (for structural pruning and roofline). Detection is
-by ``config.model_type``. An architecture missing from the table falls back to generic discovery (the
-longest ``nn.ModuleList`` of identical blocks that contain linear layers, linears in registration order)
-with a warning, or fails with an error naming what to add.
+one was compressed), the attention/MLP geometry (for structural pruning and roofline), and the
+architecture facts that FLOP/byte counting needs (``ArchFacts``: norm kind, gated MLP, biases, qk-norm,
+positions, tied head; read by ``compress.eval.roofline_shapes``). Detection is by ``config.model_type``.
+An architecture missing from the table falls back to generic discovery (the longest ``nn.ModuleList`` of
+identical blocks that contain linear layers, linears in registration order) with a warning, or fails
+with an error naming what to add.
+
+torch is imported only where a model is walked, so that the roofline (pure arithmetic on a config)
+can read this table without it.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from compress.errors import UnsupportedModelError
 
+if TYPE_CHECKING:
+    from torch import nn
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """What counting FLOPs and bytes from a config needs to know of an architecture family."""
+
+    norm: Literal["rms", "layer"]
+    mlp: Literal["gated", "plain"]
+    #: vector FLOPs per intermediate element of the activation (silu(g)*u counts exp, add, div, mul)
+    act_flops: float
+    #: config key that switches q/k/v biases, and its default when absent (None: no switch)
+    qkv_bias: tuple[str | None, bool]
+    #: config keys that switch the output-projection and the MLP biases, and their defaults
+    out_bias: tuple[str | None, bool]
+    mlp_bias: tuple[str | None, bool]
+    #: tie_word_embeddings when the config does not say
+    tie_default: bool
+    positions: Literal["rope", "learned"]
+    #: RMSNorm over head_dim on q and k (Qwen3)
+    qk_norm: bool = False
+    #: parallel residual (GPT-NeoX): attention and MLP read the same input; counts are unchanged
+    parallel_residual_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +69,13 @@ class Adapter:
     layer_list_keys: tuple[str, ...] = ("layer_types",)
     #: config keys counting "the first N blocks" (e.g. Qwen2 max_window_layers); recounted over kept blocks
     layer_prefix_keys: tuple[str, ...] = ()
+    #: architecture facts for FLOP/byte counting (roofline); None for generically discovered models
+    arch: ArchFacts | None = None
+
+    @property
+    def fused_qkv(self) -> bool:
+        """One projection produces q, k and v (GPT-NeoX's query_key_value)."""
+        return "qkv" in self.attn
 
     # --- navigation -------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -101,11 +136,19 @@ _LLAMA_LIKE = dict(
     head_dim_key="head_dim",
 )
 
+_LLAMA_ARCH = ArchFacts(norm="rms", mlp="gated", act_flops=5.0, qkv_bias=("attention_bias", False),
+                        out_bias=("attention_bias", False), mlp_bias=("mlp_bias", False), tie_default=False,
+                        positions="rope")
+
 ADAPTERS: dict[str, Adapter] = {
-    t: Adapter(model_type=t, **_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3")
+    t: Adapter(model_type=t, arch=_LLAMA_ARCH, **_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3")
 }
-for _t in ("qwen2", "qwen3"):
-    ADAPTERS[_t] = replace(ADAPTERS[_t], layer_prefix_keys=("max_window_layers",))
+# Qwen2 has q/k/v biases and no bias on o_proj; there is no config switch for either.
+ADAPTERS["qwen2"] = replace(ADAPTERS["qwen2"], layer_prefix_keys=("max_window_layers",), arch=replace(
+    _LLAMA_ARCH, qkv_bias=(None, True), out_bias=(None, False), mlp_bias=(None, False)))
+# Qwen3 drops the q/k/v biases and adds an RMSNorm over head_dim on q and k.
+ADAPTERS["qwen3"] = replace(ADAPTERS["qwen3"], layer_prefix_keys=("max_window_layers",), arch=replace(
+    _LLAMA_ARCH, mlp_bias=(None, False), qk_norm=True))
 ADAPTERS["opt"] = Adapter(
     model_type="opt",
     blocks_path="model.decoder.layers",
@@ -118,6 +161,10 @@ ADAPTERS["opt"] = Adapter(
     attn={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj"},
     mlp={"up": "fc1", "down": "fc2"},
     config_keys={"intermediate": "ffn_dim", "kv_heads": "num_attention_heads"},
+    # fc1 -> ReLU -> fc2, biases everywhere, learned positions, no GQA, tied head by default
+    arch=ArchFacts(norm="layer", mlp="plain", act_flops=1.0, qkv_bias=("enable_bias", True),
+                   out_bias=("enable_bias", True), mlp_bias=("enable_bias", True), tie_default=True,
+                   positions="learned"),
 )
 ADAPTERS["gpt_neox"] = Adapter(
     model_type="gpt_neox",
@@ -131,6 +178,10 @@ ADAPTERS["gpt_neox"] = Adapter(
     attn={"qkv": "attention.query_key_value", "o": "attention.dense"},
     mlp={"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
     config_keys={"kv_heads": "num_attention_heads"},
+    # GELU (erf, ~8 FLOPs), partial rotary (rotary_pct), parallel residual
+    arch=ArchFacts(norm="layer", mlp="plain", act_flops=8.0, qkv_bias=("attention_bias", True),
+                   out_bias=("attention_bias", True), mlp_bias=(None, True), tie_default=False,
+                   positions="rope", parallel_residual_key="use_parallel_residual"),
 )
 
 
@@ -153,6 +204,8 @@ def get_adapter(model: nn.Module) -> Adapter:
 
 def discover(model: nn.Module, model_type: str | None = None) -> Adapter:
     """Find the longest ModuleList of same-class blocks containing nn.Linear layers."""
+    from torch import nn
+
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
@@ -171,6 +224,8 @@ def discover(model: nn.Module, model_type: str | None = None) -> Adapter:
 
 
 def _check(adapter: Adapter, model: nn.Module) -> None:
+    from torch import nn
+
     try:
         block = adapter.blocks(model)[0]
         for n in adapter.linear_names():

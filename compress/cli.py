@@ -12,7 +12,7 @@ import sys
 from compress.errors import CompressError
 
 # explicit list: a subcommand exists because it is named here
-SUBCOMMANDS = ["run", "eval", "passes", "roofline", "bench", "prepare_default"]
+SUBCOMMANDS = ["run", "eval", "passes", "roofline", "bench", "report", "prepare_default"]
 
 
 def build_parser() -> argparse.ArgumentParser:

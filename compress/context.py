@@ -56,6 +56,17 @@ class PassContext:
     calibration_factory: Any = None  # () -> CalibrationData
     sparsity_plan: dict[str, float] | None = None
     plan_info: dict[str, Any] = field(default_factory=dict)
+    #: the run's tokenizer (fine-tuning passes tokenize their own text)
+    tokenizer: Any = None
+    #: () -> a fresh copy of the model as it was before the first pass (re-loaded, so nothing holds it until
+    #: a pass asks): the distillation teacher of ``sparse_finetune``
+    teacher_factory: Any = None
+    #: the run's evaluation texts, which training and calibration text must not contain
+    eval_texts: list[str] = field(default_factory=list)
+    #: continue from the training checkpoints of an interrupted run (``compress run --resume``)
+    resume: bool = False
+    #: index of the pass being applied in the recipe (names its checkpoint folder)
+    pass_index: int = 0
     _calibration: "CalibrationData | None" = None
 
     @property

@@ -202,6 +202,10 @@ def check_order(recipe: Recipe) -> None:
             raise ConfigError(f"passes[{i}].{name}: pruning must come before quantization (passes[{j}].{names[j]}); move it earlier")
         if kind == "finetune" and not any(k in ("prune", "structure") for k in earlier):
             raise ConfigError(f"passes[{i}].{name}: fine-tuning needs an earlier pruning or structural pass whose masks/shapes it keeps")
+        if kind == "finetune" and "quantize" in earlier:
+            j = earlier.index("quantize")
+            raise ConfigError(f"passes[{i}].{name}: fine-tuning must come before quantization (passes[{j}].{names[j]}), "
+                              "which leaves integer codes with nothing to train; move it earlier")
         cls = get_pass_class(name)
         # a pass whose need depends on its options says so through its config
         needs = getattr(recipe.passes[i].config, "needs_calibration", None)

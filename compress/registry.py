@@ -7,6 +7,7 @@ from compress.passes.depth_prune import DepthPrune
 from compress.passes.gptq import GPTQ
 from compress.passes.magnitude import Magnitude
 from compress.passes.rtn import RTN
+from compress.passes.sparse_finetune import SparseFinetune
 from compress.passes.sparsegpt import SparseGPT
 from compress.passes.wanda import Wanda
 from compress.passes.width_prune import WidthPrune
@@ -20,6 +21,7 @@ PASSES: dict[str, type] = {
     SparseGPT.name: SparseGPT,
     WidthPrune.name: WidthPrune,
     DepthPrune.name: DepthPrune,
+    SparseFinetune.name: SparseFinetune,
 }
 
 

@@ -97,8 +97,18 @@ def roofline_for(model: Any, recipe: Recipe) -> dict[str, Any]:
     return res.to_dict(per_op=False)
 
 
-def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
-    """Execute a validated recipe end to end. Returns the report (also written to the output)."""
+def load_teacher(recipe: Recipe) -> torch.nn.Module:
+    """The model as it was before the first pass, loaded again with the recipe's load options (the
+    distillation teacher of fine-tuning passes; loading is deterministic, so it equals the original)."""
+    return load_model(recipe.model, recipe.load.dtype, recipe.load.device, recipe.load.trust_remote_code,
+                      recipe.load.allow_pickle, recipe.load.revision).model
+
+
+def run(recipe: Recipe, keep_model: bool = False, resume: bool = False) -> RunResult:
+    """Execute a validated recipe end to end. Returns the report (also written to the output).
+
+    ``resume``: fine-tuning passes continue from the training checkpoints an interrupted run left beside the
+    output (the passes before them are deterministic and run again)."""
     t_start = time.perf_counter()
     output = Path(recipe.output)
     check_output_path(output, [recipe.model], recipe.save.overwrite)
@@ -141,10 +151,12 @@ def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
         calib_factory = partial(build_calibration, tok, c.dataset, c.nsamples, c.seqlen, c.seed, c.text_field,
                                 c.split, c.subset, eval_texts, c.allow_eval_overlap)
     ctx = PassContext(adapter=adapter, device=device, seed=recipe.calibration.seed if recipe.calibration else 0,
-                      run_dir=output, calibration_factory=calib_factory)
+                      run_dir=output, calibration_factory=calib_factory, tokenizer=tok,
+                      teacher_factory=partial(load_teacher, recipe), eval_texts=eval_texts, resume=resume)
     torch.manual_seed(ctx.seed)
     for i, (entry, pass_) in enumerate(zip(recipe.passes, passes)):
         log.info("pass %d/%d: %s %s", i + 1, len(passes), entry.name, entry.config.model_dump(mode="json"))
+        ctx.pass_index = i
         rep: PassReport = pass_.apply(model, ctx)
         report["passes"].append(rep.to_dict())
     if ctx._calibration is not None:
@@ -180,6 +192,10 @@ def run(recipe: Recipe, keep_model: bool = False) -> RunResult:
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     report["checkpoint"]["size_bytes"] = size
     report["warnings"] += warnings
+    if fmt != "none":  # counted from the files just written, as a user will load them (+ sparsity.png)
+        from compress.eval.sparsity import sparsity_report
+
+        report["sparsity"] = sparsity_report(output, report["passes"], adapter)
     for name, text in files().items():  # rewrite with the final size and warnings
         (output / name).write_text(text)
     log.info("done in %.1f s", time.perf_counter() - t_start)

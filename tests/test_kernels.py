@@ -72,6 +72,45 @@ def test_planar_pack_puts_plane_j_at_its_shift():
     assert int(words[0].abs().sum()) == 0xB << layout.PLANE_SHIFT[3]
 
 
+@pytest.mark.parametrize("k", [128, 576, 1000])
+def test_chunked_pack_roundtrip_and_padding(k):
+    codes = torch.randint(0, 16, (24, k), dtype=torch.uint8)
+    words = layout.pack_chunked(codes)
+    assert words.shape == (24, -(-k // 256) * 256 // 8)
+    assert torch.equal(layout.unpack_planar(words, k, 1), codes)
+    assert int(layout.unpack_planar(words, words.shape[1] * 8, 1)[:, k:].sum()) == 0  # padding is code 0
+
+
+def test_chunked_pack_keeps_eight_consecutive_columns_per_word():
+    codes = torch.randint(0, 16, (3, 256), dtype=torch.uint8)
+    words = layout.pack_chunked(codes).long() & 0xFFFFFFFF
+    i = 13  # word 13 holds columns 104..111, column j at PLANE_SHIFT[j]
+    for j, shift in enumerate(layout.PLANE_SHIFT):
+        assert torch.equal((words[:, i] >> shift) & 0xF, codes[:, 8 * i + j].long())
+
+
+def test_restore_codes_undoes_group_ordering_exactly():
+    layer = make_layer(40, 384, 32, False, True, False, seed=5)  # act-order
+    order = layout.contiguous_group_order(layer.g_idx, layer.n_groups)
+    for width, pack in ((1, layout.pack_chunked), (16, layout.pack_planar)):
+        words = pack(layout.ordered_codes(layer.qweight, order))
+        assert torch.equal(layout.restore_codes(words, 384, width, order.perm), layer.qweight)
+
+
+def test_release_codes_frees_qweight_and_restores_it_on_first_read():
+    layer = make_layer(32, 256, 64, False, False, True, seed=2)
+    codes = layer.qweight.clone()
+    x = torch.randn(3, 256)
+    ref = layer(x)
+    calls = []
+    layer.release_codes(lambda: calls.append(1) or codes.clone())
+    assert "qweight" not in dict(layer.named_buffers())  # the uint8 copy is gone
+    assert rel_err(layer(x), ref) < 1e-6 and calls == [1]  # dequantize forward restored it once
+    assert torch.equal(layer.qweight, codes) and calls == [1]
+    layer.release_codes(lambda: codes.clone())
+    assert torch.equal(layer.state_dict()["qweight"], codes)  # checkpoints still get the codes
+
+
 def test_group_order_act_order_makes_groups_contiguous():
     k, gs = 256, 64
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(1))
@@ -269,9 +308,15 @@ GPU_CASES = [  # (out, in, group, symmetric, act_order, bias, plane width)
 
 
 def _configs(m: int, wt):
+    from compress.kernels import cuda_w4a16 as cw
     from compress.kernels import triton_w4a16 as tw
 
     n, nb = wt.out_features, wt.n_blocks
+    if wt.kernel == "cuda":
+        if m > 16:
+            return []
+        return [cw.default_config(m, n), cw.CudaConfig(1, 2, 2), cw.CudaConfig(2, 8, 2), cw.CudaConfig(1, 4, 4, 2),
+                cw.CudaConfig(2, 2, 2, 2)]
     cfgs = [tw.default_config(m, n, nb)]
     if m == 1:
         cfgs += [tw.KernelConfig(1, 64, 1, False, True, 4, 1, False), tw.KernelConfig(1, 32, 2, False, True, 2, 1, True),
@@ -283,31 +328,114 @@ def _configs(m: int, wt):
     return cfgs
 
 
+def _writes_directly(wt, cfg) -> bool:
+    """False for Triton split-K configs (their result is a new tensor, not the poisoned buffer)."""
+    return wt.kernel == "cuda" or -(-wt.n_blocks // -(-wt.n_blocks // cfg.split_k)) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["triton", "cuda"])
 @pytest.mark.parametrize("m", [1, 3, 16, 77])
 @pytest.mark.parametrize("n,k,gs,sym,act,bias,width,dtype",
                          [c + (torch.float16,) for c in GPU_CASES]
                          + [GPU_CASES[0] + (torch.bfloat16,), GPU_CASES[3] + (torch.bfloat16,)])
-def test_triton_w4a16_matches_float64_reference(n, k, gs, sym, act, bias, width, dtype, m):
+def test_w4a16_matches_float64_reference(n, k, gs, sym, act, bias, width, dtype, m, kernel):
     from compress.kernels import triton_w4a16 as tw
 
     layer = make_layer(n, k, gs, sym, act, bias, seed=n * m + k)
-    wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, sym, layer.bias, "cuda", width=width)
+    args = (layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, sym, layer.bias, "cuda")
+    if kernel == "cuda" and n % 16:  # 16-row tiles: the CUDA kernel refuses, auto falls back to Triton
+        with pytest.raises(ValueError, match="multiple of 16"):
+            tw.repack(*args, kernel="cuda")
+        assert tw.repack(*args, width=width).kernel == "triton"
+        return
+    wt = tw.repack(*args, width=width, kernel=kernel)
+    assert wt.kernel == kernel
     bound = 3e-3 if dtype == torch.float16 else 1.5e-2  # fp16 / bf16 activations and outputs
     for cfg in _configs(m, wt):
         x = torch.randn(m, k, device="cuda", dtype=dtype)  # fresh input per config
         ref = reference(layer, x)
-        if -(-wt.n_blocks // -(-wt.n_blocks // cfg.split_k)) == 1:  # no K split: direct store
+        if _writes_directly(wt, cfg):
             out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # poisoned
             y = tw.launch(x, wt, cfg, out=out)
             assert bool(torch.isfinite(y).all()), f"unwritten outputs with {cfg}"
         else:
             y = tw.launch(x, wt, cfg)
         assert rel_err(y, ref) < bound, cfg
+    x = torch.randn(m, k, device="cuda", dtype=dtype)  # the public entry point (tuned-or-default config)
+    assert rel_err(tw.w4a16_matmul(x, wt), reference(layer, x)) < bound
     if m > 16:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         assert rel_err(tw.dequant_matmul(x, wt), reference(layer, x)) < bound
+
+
+CUDA_SHAPES = [  # (out, in, group, symmetric, act_order, bias): tails in N and K, per-channel, g256, g64
+    (4112, 4096, 128, False, False, False),  # N not a multiple of 32 (NT = 2 clamps the last tile)
+    (80, 11008, 128, True, False, True),  # K = 86 steps of 128
+    (48, 520, -1, False, False, False),  # per-channel, K % 32 != 0 (masked 8-column loads)
+    (48, 1024, 256, False, True, True),
+    (32, 576, 64, False, True, False),  # groups narrower than a step: scales applied per weight
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,gs,sym,act,bias", CUDA_SHAPES)
+def test_cuda_w4a16_every_config_and_row_count(n, k, gs, sym, act, bias, dtype):
+    """Each tile count, warps per block, pipeline depth and step width the tuner may pick (tune also
+    checks every config it times), M = 1..16 (the second half of activation rows starts at 9)."""
+    from compress.kernels import cuda_w4a16 as cw
+    from compress.kernels import triton_w4a16 as tw
+
+    layer = make_layer(n, k, gs, sym, act, bias, seed=n + k)
+    wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, sym, layer.bias, "cuda", kernel="cuda")
+    w64 = dequantize_weight(layer.qweight, layer.scales, layer.zeros, layer.g_idx).double()
+    b64 = 0 if layer.bias is None else layer.bias.detach().double()
+    bound = 3e-3 if dtype == torch.float16 else 1.5e-2
+    # each NT, KW and U value at least once (candidate_configs has them all; the benchmark checks
+    # the error of the config it picks)
+    configs = [cw.CudaConfig(*c) for c in ((1, 2, 2, 1), (1, 8, 4, 1), (2, 4, 4, 1), (2, 8, 2, 1),
+                                            (1, 4, 2, 2), (1, 2, 4, 2), (2, 4, 2, 2))]
+    assert all(c in cw.candidate_configs(16, n) for c in configs)
+    for m in (1, 2, 8, 9, 16):
+        for cfg in configs:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            y = cw.matmul(x, wt, cfg, out=out)
+            assert bool(torch.isfinite(y).all()), (m, cfg)
+            assert rel_err(y, x.double().cpu() @ w64.t() + b64) < bound, (m, cfg)
+        # activations with a padded row stride (a slice) are read in place
+        xs = torch.randn(m, k + 8, device="cuda", dtype=dtype)[:, :k]
+        assert rel_err(cw.matmul(xs, wt, configs[-1]), xs.double().cpu() @ w64.t() + b64) < bound, m
+    w = cw.dequantize(wt, dtype)  # group order; act-order layers permute back
+    if wt.perm is not None:
+        w = torch.empty_like(w).index_copy_(1, wt.perm.long(), w)
+    assert rel_err(w, w64) < (1e-3 if dtype == torch.float16 else 8e-3)
+    assert torch.equal(wt.restore_codes().cpu(), layer.qweight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_w4a16_runs_inside_a_cuda_graph():
+    from compress.kernels import cuda_w4a16 as cw
+    from compress.kernels import triton_w4a16 as tw
+
+    layer = make_layer(256, 1024, 128, False, False, True, seed=9)
+    wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, False, layer.bias, "cuda", kernel="cuda")
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    cfg = cw.default_config(1, 256)
+    cw.matmul(x, wt, cfg)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cw.matmul(x, wt, cfg)
+    for _ in range(2):  # replays see new inputs written into the captured buffer
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, reference(layer, x)) < 3e-3
 
 
 @pytest.mark.gpu
@@ -318,7 +446,8 @@ def test_triton_dequantize_matches_reference_for_every_width():
     layer = make_layer(136, 1152, 64, False, True, False, seed=3)
     ref = reference(layer, torch.eye(1152)).t()  # [N, K] dequantized weight in float64
     for width in (16, 32, 64):
-        wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, False, None, "cuda", width=width)
+        wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, False, None, "cuda", width=width,
+                       kernel="triton")
         assert wt.width == width
         assert rel_err(tw.dequantize_packed(wt, torch.float32), ref) < 1e-3  # fp16 scales
         w_sorted = tw.dequantize_sorted(wt, torch.float16)
@@ -337,6 +466,8 @@ def test_accelerate_on_cuda_installs_triton_and_matches_dequant():
         fast = model(ids).logits
         one = model(ids[:1, :1]).logits  # decode-shaped call (M = 1)
     assert report.counts() == {"triton": 14}
+    from compress.kernels.dispatch import packed_weights
+    assert {w.kernel for w in packed_weights(model).values()} == {"cuda"}  # the CUDA kernel where it can run
     assert rel_err(fast, ref) < 1e-2
     assert bool(torch.isfinite(one).all())
 

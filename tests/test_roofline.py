@@ -10,8 +10,8 @@ import yaml
 from compress.errors import CompressError, ConfigError
 from compress.eval.roofline import CompressionSpec, RooflineSpec, estimate
 from compress.eval.roofline_devices import BUILTIN_DIR, catalog, load_device, read_device_file
-from compress.eval.roofline_ops import WeightFormat, linear, weight_bytes
-from compress.eval.roofline_shapes import count_params, model_shape
+from compress.eval.roofline_ops import WeightFormat, linear, norm, rotary, weight_bytes
+from compress.eval.roofline_shapes import LayerShape, count_params, model_shape
 
 # hidden 64, 4 query heads / 2 KV heads of 16, MLP 128, vocab 256, 2 layers, untied head.
 TINY = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -70,8 +70,9 @@ def test_int4_model_weight_bytes_keep_embeddings_and_head_in_fp16():
 
 def test_gqa_kv_bytes_use_kv_heads():
     p, g = 32, 8
-    r = estimate(TINY, {"device": "h100", "prompt": p, "generate": g})
-    mha = estimate({**TINY, "num_key_value_heads": HQ}, {"device": "h100", "prompt": p, "generate": g})
+    fused = {"device": "h100", "prompt": p, "generate": g, "implementation": "fused"}
+    r = estimate(TINY, fused)
+    mha = estimate({**TINY, "num_key_value_heads": HQ}, fused)
     # decode reads the whole cache once per KV head; average context over the steps is p + (g + 1) / 2
     expected = L * (p + (g + 1) / 2) * HKV * D * 2 * 2
     assert _rows(r.decode)["attention"].kv_bytes == pytest.approx(expected, rel=1e-12)
@@ -89,7 +90,7 @@ def test_lm_head_prefill_flops_are_2_p_h_v():
 
 def test_prefill_attention_is_causal_and_mlp_activation_sized_by_intermediate():
     p, b = 40, 3
-    r = estimate(TINY, {"device": "h100", "prompt": p, "generate": 1, "batch": b})
+    r = estimate(TINY, {"device": "h100", "prompt": p, "generate": 1, "batch": b, "implementation": "fused"})
     rows = _rows(r.prefill)
     pairs = p * (p + 1) / 2
     assert rows["attention"].flops == pytest.approx(L * b * HQ * pairs * (4 * D + 5), rel=1e-12)
@@ -123,10 +124,14 @@ def test_per_row_cost_and_attention_fraction(tmp_path):
 
 
 def test_w4_decode_speedup_on_h100_is_between_2_and_the_byte_ratio():
-    r = estimate("llama-2-7b", {"device": "h100", "prompt": 1024, "generate": 16},
-                 compression={"weight_bits": 4, "group_size": 128}).to_dict()
+    floor = {"device": "h100", "prompt": 1024, "generate": 16, "implementation": "fused", "overhead": False}
+    r = estimate("llama-2-7b", floor, compression={"weight_bits": 4, "group_size": 128}).to_dict()
     assert 2.0 < r["speedup_decode"] < 16 / 4.156
     assert r["memory_ratio"] < 0.5
+    # the fixed per-kernel time is not compressed, so transformers' decode gains less (Amdahl)
+    real = estimate("llama-2-7b", {"device": "h100", "prompt": 1024, "generate": 16},
+                    compression={"weight_bits": 4, "group_size": 128}).to_dict()
+    assert 1.0 < real["speedup_decode"] < r["speedup_decode"]
 
 
 def test_two_four_halves_matrix_flops_and_stores_half_plus_metadata():
@@ -135,7 +140,8 @@ def test_two_four_halves_matrix_flops_and_stores_half_plus_metadata():
     a, b = linear("x", 32, 256, 64, dense, 2, False), linear("x", 32, 256, 64, sparse, 2, False)
     assert b.matrix_flops == a.matrix_flops / 2
     assert b.weight_bytes == 256 * 64 / 2 * 2 + 256 * 64 / 2 * 2 / 8  # kept fp16 values + 2 bits each
-    r = estimate("llama-2-7b", {"device": "h100", "prompt": 1024, "generate": 4}, compression={"sparsity": "2:4"})
+    r = estimate("llama-2-7b", {"device": "h100", "prompt": 1024, "generate": 4, "implementation": "fused"},
+                 compression={"sparsity": "2:4"})
     assert _rows(r.prefill)["up_proj"].flops == pytest.approx(_rows(r.baseline.prefill)["up_proj"].flops / 2)
     assert r.to_dict()["speedup_prefill"] > 1.5
 
@@ -161,13 +167,115 @@ def test_unstructured_sparsity_default_is_no_speedup_and_bitmask_saves_bytes():
 
 def test_dynamic_cache_copies_the_cache_every_step():
     p, g = 64, 4
-    static = estimate(TINY, {"device": "h100", "prompt": p, "generate": g})
-    dyn = estimate(TINY, {"device": "h100", "prompt": p, "generate": g, "kv_cache": "dynamic"})
+    static = estimate(TINY, {"device": "h100", "prompt": p, "generate": g, "implementation": "fused"})
+    dyn = estimate(TINY, {"device": "h100", "prompt": p, "generate": g, "kv_cache": "dynamic",
+                          "implementation": "fused"})
     row = HKV * D * 2 * 2 * L
     assert _rows(static.decode)["kv_cache_update"].kv_bytes == pytest.approx(row, rel=1e-12)
     # step i reads the p+i old rows and writes p+i+1
     expected = sum((p + i) + (p + i + 1) for i in range(g)) / g * row
     assert _rows(dyn.decode)["kv_cache_update"].kv_bytes == pytest.approx(expected, rel=1e-12)
+
+
+# --- transformers kernels and fixed costs ----------------------------------------------------
+def _gpu_device(tmp_path, name="gpu", per_kernel=0.0, per_gemm=0.0, host=None, elementwise=None):
+    """Like _write_device, but a GPU with per-kernel costs, optional host overhead and elementwise fraction."""
+    path = _write_device(tmp_path, name)
+    dev = yaml.safe_load(path.read_text())
+    q = lambda v: {"value": v, "source": "unit test"}  # noqa: E731
+    dev["kind"] = "gpu"
+    dev["overhead"].update(per_kernel_s=q(per_kernel), per_gemm_s=q(per_gemm))
+    if host:
+        dev["host_overhead"] = {"per_forward_s": q(host[0]), "per_layer_s": q(host[1])}
+    if elementwise:
+        dev["achievable"]["elementwise"] = q(elementwise)
+    path.write_text(yaml.safe_dump(dev))
+    return str(path)
+
+
+def test_transformers_rms_norm_and_rotary_traffic_by_hand():
+    # RMSNorm at fp16 over 3 x 64: to(fp32) 6 + pow 8 + mean 4 + x*rsqrt 8 + to(fp16) 6 + weight*x 4 bytes
+    # per element, 24 per row (mean's output, +eps, rsqrt, the broadcast read); 8 kernels
+    n = norm("n", 3, 64, "rms", 2, "transformers")
+    assert (n.kernels, n.act_bytes, n.weight_bytes) == (8.0, 3 * (64 * 36 + 24), 64 * 2)
+    n32 = norm("n", 3, 64, "rms", 4, "transformers")  # fp32: the casts are no-ops
+    assert (n32.kernels, n32.act_bytes) == (6.0, 3 * (64 * 28 + 24))
+    assert norm("n", 3, 64, "rms", 2, "fused").act_bytes == 2 * 3 * 64 * 2
+    # rotary over 5 tokens, 4 + 2 heads of 16: 10 bytes per rotated fp16 element... x2 bytes, + cos/sin rows
+    ly = model_shape(TINY).layers[0]
+    r = rotary(5, ly, 2, "transformers")
+    rotated = 5 * (HQ + HKV) * D
+    assert (r.kernels, r.act_bytes) == (10.0, 10 * rotated * 2 + 4 * 5 * D * 2)
+    partial = rotary(5, LayerShape(HQ, HKV, D, I, 4), 2, "transformers")  # 4 of 16 dims rotated
+    assert (partial.kernels, partial.act_bytes) == (12.0, 10 * 5 * 6 * 4 * 2 + 4 * 5 * 4 * 2 + 2 * rotated * 2)
+
+
+def test_static_cache_decode_attends_every_slot_and_repeats_grouped_kv():
+    p, g, slots = 8, 4, 100
+    r = estimate(TINY, {"device": "h100", "prompt": p, "generate": g, "max_cache_len": slots})
+    # every step reads all 100 slots; K and V expanded from 2 to 4 heads (read 1x, written and read 2x)
+    assert _rows(r.decode)["attention"].kv_bytes == pytest.approx(L * slots * HKV * D * 2 * 2 * (1 + 2 * 2))
+    mha = estimate({**TINY, "num_key_value_heads": HQ}, {"device": "h100", "prompt": p, "generate": g,
+                                                         "max_cache_len": slots})
+    assert _rows(mha.decode)["attention"].kv_bytes == pytest.approx(L * slots * HQ * D * 2 * 2)
+    # index_copy_ reads and writes each new row
+    assert _rows(r.decode)["kv_cache_update"].kv_bytes == pytest.approx(2 * L * HKV * D * 2 * 2)
+
+
+def test_per_kernel_and_per_gemm_fixed_costs(tmp_path):
+    spec = {"prompt": 8, "generate": 4}
+    dev = _gpu_device(tmp_path, per_kernel=1e-6, per_gemm=2e-6)
+    r = estimate(TINY, {**spec, "device": dev})
+    bare = estimate(TINY, {**spec, "device": dev, "overhead": False})
+    # per layer: 2 norms x 8, rotary 10, cache update 5, attention 6 (mask fill/where x 2, kernel, split
+    # reduction) + 2 repeat_kv copies, 2 residuals, silu and mul 2 = 43 kernels and 7 GEMMs; per forward:
+    # embedding 1, positions/mask 10 + rotary table 9, final norm 8, sampling 2 = 30 kernels and lm_head
+    kernels, gemms = L * 43 + 30, L * 7 + 1
+    assert r.decode.kernels == pytest.approx(kernels + gemms)
+    assert r.decode_ms_per_token - bare.decode_ms_per_token == pytest.approx((kernels * 1e-6 + gemms * 2e-6) * 1e3)
+    fused = estimate(TINY, {**spec, "device": dev, "implementation": "fused"})
+    # one kernel per operator: norm, rotary, cache, attention, 2 residuals, norm, activation; head: norm, sampling 2
+    assert fused.decode.kernels == pytest.approx(L * 8 + 4 + gemms)
+
+
+def test_prefill_pays_its_own_per_kernel_and_per_attention_costs(tmp_path):
+    spec = {"prompt": 8, "generate": 1}
+    base = _gpu_device(tmp_path, "base", per_kernel=1e-6)
+    dev = yaml.safe_load(open(base))
+    dev["name"] = "pre"
+    dev["overhead"].update(prefill_per_kernel_s={"value": 3e-6, "source": "unit test"},
+                           per_attention_s={"value": 1e-5, "source": "unit test"})
+    pre = tmp_path / "pre.yaml"
+    pre.write_text(yaml.safe_dump(dev))
+    a, b = estimate(TINY, {**spec, "device": base}), estimate(TINY, {**spec, "device": str(pre)})
+    # prefill per layer: norms 16, rotary 10, cache 5, residuals 2, activation 2 = 35 kernels and one flash
+    # call (no mask, no repeat_kv); per forward: positions 4, rotary table 9, embedding 1, final norm 8,
+    # sampling 2 = 24; kernels at 3 us instead of 1 us, each flash call 10 us instead of 1 us
+    per_layer_kernels, forward_kernels = 16 + 10 + 5 + 2 + 2, 4 + 9 + 1 + 8 + 2
+    extra = (L * per_layer_kernels + forward_kernels) * 2e-6 + L * 9e-6
+    assert b.prefill_ms - a.prefill_ms == pytest.approx(extra * 1e3)
+    assert b.decode_ms_per_token == pytest.approx(a.decode_ms_per_token)  # decode has no flash call here
+
+
+def test_eager_execution_waits_for_the_host(tmp_path):
+    spec = {"prompt": 8, "generate": 4}
+    dev = _gpu_device(tmp_path, per_kernel=1e-6, host=(1e-3, 2e-3))
+    graph = estimate(TINY, {**spec, "device": dev})
+    eager = estimate(TINY, {**spec, "device": dev, "execution": "eager"})
+    host_ms = (1e-3 + L * 2e-3) * 1e3  # far above this tiny model's device time
+    assert graph.decode_ms_per_token < host_ms
+    assert eager.decode_ms_per_token == pytest.approx(host_ms) and eager.prefill_ms == pytest.approx(host_ms)
+    no_host = estimate(TINY, {**spec, "device": _gpu_device(tmp_path, "gpu2", per_kernel=1e-6), "execution": "eager"})
+    assert no_host.decode_ms_per_token == pytest.approx(graph.decode_ms_per_token)
+    assert any("host_overhead" in w for w in no_host.warnings)
+
+
+def test_unfused_elementwise_ops_move_at_the_elementwise_fraction(tmp_path):
+    spec = {"prompt": 32, "generate": 1}
+    full = _rows(estimate(TINY, {**spec, "device": _gpu_device(tmp_path)}).prefill)
+    half = _rows(estimate(TINY, {**spec, "device": _gpu_device(tmp_path, "half", elementwise=0.5)}).prefill)
+    assert half["attn_norm"].memory_ms == pytest.approx(2 * full["attn_norm"].memory_ms, rel=1e-12)
+    assert half["q_proj"].memory_ms == pytest.approx(full["q_proj"].memory_ms, rel=1e-12)  # GEMMs: memory
 
 
 # --- shapes ---------------------------------------------------------------------------------

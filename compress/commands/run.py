@@ -15,6 +15,9 @@ def register(sub) -> None:
                    help="edit the recipe before validation, e.g. passes.0.gptq.bits=3 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it resolved, then stop")
+    p.add_argument("--resume", action="store_true",
+                   help="continue fine-tuning passes from the checkpoints an interrupted run left in <output>.ckpt/ "
+                        "(earlier passes run again; without it a stale checkpoint folder is discarded with a warning)")
     p.set_defaults(func=handle)
 
 
@@ -31,7 +34,7 @@ def handle(args: argparse.Namespace) -> int:
     from compress.eval.report import summary_table
     from compress.runner import run
 
-    result = run(recipe)
+    result = run(recipe, resume=args.resume)
     print(summary_table(result.report))
     print(f"report: {result.output / 'report.md'}")
     return 0

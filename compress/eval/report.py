@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from compress.eval.sparsity import sparsity_markdown
+
 
 def _fmt(x: Any, nd: int = 3) -> str:
     if x is None:
@@ -73,6 +75,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append(f"| prefill ms | {rf['prefill_ms']:.3f} | {_fmt(b.get('prefill_ms'))} | {_fmt(rf.get('speedup_prefill'), 2)} |")
         out.append(f"| memory GB | {rf['memory_gb']:.3f} | {_fmt(b.get('memory_gb'))} | |")
         out += [f"\n> roofline warning: {w}" for w in rf.get("warnings", [])]
+    out += sparsity_markdown(report.get("sparsity"))
     for p in report.get("passes", []):
         out += ["", f"## Pass `{p['name']}` ({p['seconds']:.1f} s)", "", f"config: `{p['config']}`", ""]
         if p.get("summary"):

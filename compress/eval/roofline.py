@@ -1,13 +1,18 @@
 """Roofline estimate of LLM inference latency and memory on a target device, with and without compression.
 
-Each operator of the forward pass (``roofline_ops``) takes ``max(compute time, memory time)`` where
-compute time = matrix FLOPs / (matrix peak of the compute dtype x achievable fraction) + vector FLOPs /
-(fp32 peak x vector fraction) (fused attention: all its FLOPs at the matrix peak x attention fraction)
-and memory time = bytes / (bandwidth x achievable fraction). A
-generate task (prompt P, generate G, batch B) is one prefill forward (time to first token) and G decode
-steps at contexts P+1 .. P+G, averaged into ``decode_ms_per_token``. Devices with a measured fixed
-framework cost (the CPU of ``this-machine``) add ``per_forward_s + layers x per_layer_s`` per forward
-and ``per_weight_row_s`` per output row of each weight matrix streamed (short-row GEMV cost).
+Each operator of the forward pass (``roofline_ops``) takes ``max(compute time, memory time)`` plus the
+fixed time of its kernels, where compute time = matrix FLOPs / (matrix peak of the compute dtype x
+achievable fraction) + vector FLOPs / (fp32 peak x vector fraction) (fused attention: all its FLOPs at
+the matrix peak x attention fraction) and memory time = bytes / (bandwidth x achievable fraction;
+transformers' unfused elementwise kernels at their own measured fractions). The fixed time is, on GPUs,
+a measured cost per kernel, per matrix product and per flash-attention call (launch, ramp-up, drain:
+it does not go away in a CUDA graph), with the kernel counts of ``implementation`` (transformers'
+PyTorch modules by default, or ``fused``: one kernel per operator). A generate task (prompt P, generate
+G, batch B) is one prefill forward (time to first token) and G decode steps at contexts P+1 .. P+G,
+averaged into ``decode_ms_per_token``. Devices with a measured framework cost (the CPU of
+``this-machine``) add ``per_forward_s + layers x per_layer_s`` per forward and ``per_weight_row_s`` per
+output row of each weight matrix streamed (short-row GEMV cost). ``execution: eager`` bounds each
+forward from below by the device's measured host time (Python and launches; GPUs with host_overhead).
 
 Recipe snippet (the lead wires ``RooflineSpec`` into ``EvalSpec``)::
 
@@ -66,7 +71,18 @@ class RooflineSpec(_Strict):
     prefill_logits: Literal["all", "last"] = Field(
         "all", description="lm_head over all prompt tokens (a plain forward) or only the last one")
     overhead: bool = Field(
-        True, description="add the device's measured fixed costs (per forward, per layer, per weight row)")
+        True, description="add the device's measured fixed costs (per kernel, per matrix product, per forward, "
+                          "per layer, per weight row)")
+    implementation: Literal["transformers", "fused"] = Field(
+        "transformers", description="transformers: the kernels and traffic of transformers' PyTorch modules "
+                                    "(unfused RMSNorm, rotary, cache update, SiLU*mul); fused: one kernel per "
+                                    "operator, each activation read and written once (the floor)")
+    execution: Literal["graph", "eager"] = Field(
+        "graph", description="graph: each forward replayed from a CUDA graph (or compiled), no host cost; "
+                             "eager: a forward takes at least the device's host_overhead (Python and launches)")
+    max_cache_len: int | None = Field(
+        None, gt=0, description="slots of a static KV cache (default prompt + generate); transformers' "
+                                "decode attends to all of them behind a mask")
     device_files: tuple[str, ...] = Field((), strict=False, description="extra device YAML files or folders")
 
     @model_validator(mode="after")
@@ -126,6 +142,9 @@ class OpRow:
     kv_bytes: float = 0.0
     compute_ms: float = 0.0
     memory_ms: float = 0.0
+    #: fixed time of its kernels (launch, ramp-up, drain), added to max(compute, memory)
+    fixed_ms: float = 0.0
+    kernels: float = 0.0
     ms: float = 0.0
 
     @property
@@ -138,23 +157,36 @@ class OpRow:
 
     @property
     def bound(self) -> str:
+        """What dominates: compute, memory, or the fixed time of its kernels (latency)."""
+        if self.fixed_ms > max(self.compute_ms, self.memory_ms):
+            return "fixed"
         return "compute" if self.compute_ms > self.memory_ms else "memory"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "count": self.count, "flops": self.flops, "bytes": self.bytes,
                 "weight_bytes": self.weight_bytes, "act_bytes": self.act_bytes, "kv_bytes": self.kv_bytes,
                 "intensity": self.intensity, "bound": self.bound, "compute_ms": self.compute_ms,
-                "memory_ms": self.memory_ms, "ms": self.ms}
+                "memory_ms": self.memory_ms, "fixed_ms": self.fixed_ms, "kernels": self.kernels, "ms": self.ms}
 
 
 @dataclass
 class Phase:
     rows: list[OpRow]
     overhead_ms: float
+    #: eager execution: the host's time to issue the forward (0 under a CUDA graph)
+    host_ms: float = 0.0
+
+    @property
+    def device_ms(self) -> float:
+        return sum(r.ms for r in self.rows) + self.overhead_ms
 
     @property
     def ms(self) -> float:
-        return sum(r.ms for r in self.rows) + self.overhead_ms
+        return max(self.device_ms, self.host_ms)
+
+    @property
+    def kernels(self) -> float:
+        return sum(r.kernels for r in self.rows)
 
     @property
     def flops(self) -> float:
@@ -200,6 +232,7 @@ class RooflineResult:
             "device": self.device.name, "device_title": self.device.title,
             "dtype": s.dtype, "batch": s.batch, "prompt": s.prompt, "generate": s.generate,
             "kv_cache": s.kv_cache, "prefill_logits": s.prefill_logits,
+            "implementation": s.implementation, "execution": s.execution,
             "prefill_ms": self.prefill_ms, "ttft_ms": self.prefill_ms,
             "decode_ms_per_token": self.decode_ms_per_token,
             "decode_tokens_per_s": s.batch * 1e3 / self.decode_ms_per_token,
@@ -210,6 +243,10 @@ class RooflineResult:
                        "capacity_gb": self.device.memory_capacity.value / 1e9,
                        "fits": self.memory_gb * 1e9 <= self.device.memory_capacity.value},
             "overhead_ms": {"prefill": self.prefill.overhead_ms, "decode_per_token": self.decode.overhead_ms},
+            "fixed_ms": {"prefill": sum(r.fixed_ms for r in self.prefill.rows),
+                         "decode_per_token": sum(r.fixed_ms for r in self.decode.rows)},
+            "host_ms": {"prefill": self.prefill.host_ms, "decode_per_token": self.decode.host_ms},
+            "kernels": {"prefill": self.prefill.kernels, "decode_per_token": self.decode.kernels},
             "compression": self.compression.model_dump() if self.compression else None,
             "warnings": list(self.warnings),
         }
@@ -252,26 +289,38 @@ def _weight_formats(comp: CompressionSpec | None, device: Device, a: int,
     return fmt, head
 
 
-def _forward(shape: ModelShape, batch: int, new: int, ctx: int, logits_tokens: int, fmt: WeightFormat,
-             head_fmt: WeightFormat, a: int, kv_mode: str) -> list[tuple[Op, int]]:
+def _forward(shape: ModelShape, spec: RooflineSpec, new: int, ctx: int, logits_tokens: int, fmt: WeightFormat,
+             head_fmt: WeightFormat, a: int) -> list[tuple[Op, int]]:
+    batch, impl = spec.batch, spec.implementation
     m = batch * new
-    ops: list[tuple[Op, int]] = [(op, 1) for op in embed_ops(shape, m, a)]
+    phase = "prefill" if new > 1 else f"decode_{spec.kv_cache}"
+    cache_len = spec.max_cache_len or spec.prompt + spec.generate
+    ops: list[tuple[Op, int]] = [(op, 1) for op in embed_ops(shape, m, a, impl, phase)]
     for ly, count in shape.layer_groups():
-        ops += [(op, count) for op in layer_ops(shape, ly, batch, new, ctx, fmt, a, a, kv_mode)]
-    ops += [(op, 1) for op in head_ops(shape, m, batch * logits_tokens, head_fmt, a)]
+        ops += [(op, count) for op in layer_ops(shape, ly, batch, new, ctx, fmt, a, a, spec.kv_cache, impl, cache_len)]
+    ops += [(op, 1) for op in head_ops(shape, m, batch * logits_tokens, head_fmt, a, impl, batch)]
     return ops
 
 
 def _accumulate(rows: dict[str, OpRow], ops: list[tuple[Op, int]], device: Device, mm_key: str,
-                scale: float, overhead: bool) -> None:
-    """Add the timed ops into ``rows`` (by name), each weighted by ``scale`` (1/G for decode)."""
+                scale: float, overhead: bool, prefill: bool) -> None:
+    """Add the timed ops into ``rows`` (by name), each weighted by ``scale`` (1/G for decode).
+    An op takes max(compute, memory) plus the fixed time of its kernels."""
     bw = device.achievable_bandwidth()
     mm, vec = device.achievable_flops(mm_key), device.achievable_flops("fp32", "vector")
     att = device.achievable_flops(mm_key, "attention")
-    per_row = device.overhead.per_weight_row_s.value if overhead else 0.0
+    o = device.overhead
+    per_row = o.per_weight_row_s.value if overhead else 0.0
+    per_kernel = o.per_kernel_s.value if overhead else 0.0
+    if prefill and overhead and o.prefill_per_kernel_s.value:
+        per_kernel = o.prefill_per_kernel_s.value
+    per_gemm = o.per_gemm_s.value if overhead else 0.0
+    per_attention = (o.per_attention_s.value or per_kernel) if overhead else 0.0
     for op, count in ops:
         t_c = (op.flops / att if op.attention else op.matrix_flops / mm + op.vector_flops / vec) * 1e3
-        t_m = (op.bytes / bw + op.weight_rows * per_row) * 1e3
+        op_bw = device.op_bandwidth(op.kind) if op.unfused else bw
+        t_m = (op.bytes / op_bw + op.weight_rows * per_row) * 1e3
+        t_f = (op.kernels * per_kernel + op.gemms * per_gemm + op.flash * per_attention) * 1e3
         r = rows.setdefault(op.name, OpRow(op.name, 0))
         w = count * scale
         r.flops += op.flops * w
@@ -280,7 +329,9 @@ def _accumulate(rows: dict[str, OpRow], ops: list[tuple[Op, int]], device: Devic
         r.kv_bytes += op.kv_bytes * w
         r.compute_ms += t_c * w
         r.memory_ms += t_m * w
-        r.ms += max(t_c, t_m) * w
+        r.fixed_ms += t_f * w
+        r.kernels += (op.kernels + op.gemms + op.flash) * w
+        r.ms += (max(t_c, t_m) + t_f) * w
 
 
 def _count_rows(rows: dict[str, OpRow], ops: list[tuple[Op, int]]) -> list[OpRow]:
@@ -299,6 +350,19 @@ def _overhead_ms(device: Device, shape: ModelShape, on: bool) -> float:
     return (o.per_forward_s.value + len(shape.layers) * o.per_layer_s.value) * 1e3
 
 
+def _host_ms(device: Device, shape: ModelShape, spec: RooflineSpec, warnings: list[str]) -> float:
+    """The host's time per eager forward (0 under a CUDA graph or without overheads)."""
+    if spec.execution != "eager" or not spec.overhead:
+        return 0.0
+    h = device.host_overhead
+    if h is None:
+        if device.kind == "gpu":
+            warnings.append(f"{device.name} has no measured host_overhead: the eager estimate leaves out the "
+                            "host's launch time (often the larger part of an eager decode step on GPUs)")
+        return 0.0
+    return (h.per_forward_s.value + len(shape.layers) * h.per_layer_s.value) * 1e3
+
+
 def _estimate_one(shape: ModelShape, name: str, spec: RooflineSpec, device: Device,
                   comp: CompressionSpec | None) -> RooflineResult:
     mm_key, a = DTYPES[spec.dtype]
@@ -307,19 +371,24 @@ def _estimate_one(shape: ModelShape, name: str, spec: RooflineSpec, device: Devi
     fmt, head_fmt = _weight_formats(comp, device, a, warnings)
     p, g, b = spec.prompt, spec.generate, spec.batch
     overhead = _overhead_ms(device, shape, spec.overhead)
+    host = _host_ms(device, shape, spec, warnings)
+    if device.kind == "gpu" and spec.overhead and spec.implementation == "transformers" \
+            and not device.overhead.per_kernel_s.value:
+        warnings.append(f"{device.name} has no measured per-kernel costs: the estimate leaves out kernel launch "
+                        "and ramp-up time (on the H100 over half of a 1B model's transformers decode step)")
 
     logits = p if spec.prefill_logits == "all" else 1
-    pre_ops = _forward(shape, b, p, p, logits, fmt, head_fmt, a, spec.kv_cache)
+    pre_ops = _forward(shape, spec, p, p, logits, fmt, head_fmt, a)
     pre_rows: dict[str, OpRow] = {}
-    _accumulate(pre_rows, pre_ops, device, mm_key, 1.0, spec.overhead)
-    prefill = Phase(_count_rows(pre_rows, pre_ops), overhead)
+    _accumulate(pre_rows, pre_ops, device, mm_key, 1.0, spec.overhead, prefill=True)
+    prefill = Phase(_count_rows(pre_rows, pre_ops), overhead, host)
 
     dec_rows: dict[str, OpRow] = {}
     dec_ops: list[tuple[Op, int]] = []
     for i in range(g):  # step i feeds the token at position p+i and attends to p+i+1 keys
-        dec_ops = _forward(shape, b, 1, p + i + 1, 1, fmt, head_fmt, a, spec.kv_cache)
-        _accumulate(dec_rows, dec_ops, device, mm_key, 1.0 / g, spec.overhead)
-    decode = Phase(_count_rows(dec_rows, dec_ops), overhead)
+        dec_ops = _forward(shape, spec, 1, p + i + 1, 1, fmt, head_fmt, a)
+        _accumulate(dec_rows, dec_ops, device, mm_key, 1.0 / g, spec.overhead, prefill=False)
+    decode = Phase(_count_rows(dec_rows, dec_ops), overhead, host)
 
     act = max(op.act_bytes for op, _ in pre_ops)
     res = RooflineResult(
@@ -382,6 +451,12 @@ def _op_table(title: str, phase: Phase) -> list[str]:
     if phase.overhead_ms:
         lines.append(f"  {'overhead':<16}{'':>4}{'':>10}{'':>10}{'':>10}{'':>10}{'':>8}{'fixed':>9}"
                      f"{phase.overhead_ms:>10.3f}{100 * phase.overhead_ms / total:>6.1f}%")
+    fixed = sum(r.fixed_ms for r in phase.rows)
+    if fixed:
+        lines.append(f"  (of which fixed per-kernel time: {fixed:.3f} ms over {phase.kernels:.0f} kernels)")
+    if phase.host_ms > phase.device_ms:
+        lines.append(f"  host-bound (eager): the host needs {phase.host_ms:.3f} ms per forward, the device "
+                     f"{phase.device_ms:.3f} ms")
     return lines
 
 
@@ -391,7 +466,8 @@ def format_table(res: RooflineResult, per_op: bool = False) -> str:
     dev = res.device
     lines = [
         f"roofline: {res.model} ({res.params / 1e9:.3f} B params) on {dev.title} [{dev.name}]",
-        f"  {s.dtype}, batch {s.batch}, prompt {s.prompt}, generate {s.generate}, kv_cache {s.kv_cache}; "
+        f"  {s.dtype}, batch {s.batch}, prompt {s.prompt}, generate {s.generate}, kv_cache {s.kv_cache}, "
+        f"{s.implementation} kernels, {s.execution} execution; "
         f"bandwidth {dev.memory_bandwidth.value / 1e9:.0f} GB/s x {dev.achievable.memory.value:.2f}, "
         f"{DTYPES[s.dtype][0]} peak {dev.peak(DTYPES[s.dtype][0]) / 1e12:.1f} TFLOP/s "
         f"x {dev.achievable.compute.value:.2f}",

@@ -21,10 +21,20 @@ Shape of a device file (all numbers are SI units: bytes, bytes/s, FLOP/s, second
       memory: {value: 0.7, source: ...}       # fraction of peak bandwidth reached by real kernels
       attention: {value: 0.5, source: ...}    # optional: fused attention (default: compute)
       vector: {value: 0.7, source: ...}       # optional: elementwise/norm ops at fp32 (default: compute)
+      elementwise: {value: 0.6, source: ...}  # optional: transformers' unfused elementwise ops (default: memory)
+      by_op:                                  # optional: per operator kind (rotary, kv_cache_update, norm, ...)
+        rotary: {value: 0.4, source: ...}
     overhead:                                  # fixed costs added to the roofline time (optional)
       per_forward_s: {value: 0.0, source: ...}
       per_layer_s: {value: 0.0, source: ...}
       per_weight_row_s: {value: 0.0, source: ...}  # per output row of a weight matrix (CPU GEMV)
+      per_kernel_s: {value: 2.0e-6, source: ...}   # per GPU kernel launched (in a CUDA graph)
+      prefill_per_kernel_s: {value: 2.0e-6, source: ...}  # the same in a prefill forward (default: per_kernel_s)
+      per_gemm_s: {value: 4.0e-6, source: ...}     # per matrix-product kernel, instead of per_kernel_s
+      per_attention_s: {value: 1.0e-5, source: ...}  # per fused attention call, instead of per_kernel_s
+    host_overhead:                             # optional (GPUs): the host's time to issue one eager forward
+      per_forward_s: {value: 3.0e-3, source: ...}
+      per_layer_s: {value: 6.0e-4, source: ...}
     sparse_2_4: {value: true, source: ...}     # 2:4 sparse matrix units (halve the matrix FLOPs)
 
 Keys of ``peak_flops``: fp32, tf32, fp16, bf16, fp8, int8. Matrix products run at the peak of the
@@ -70,21 +80,47 @@ class Achievable(_Strict):
     memory: Quantity
     attention: Quantity | None = None
     vector: Quantity | None = None
+    #: transformers' unfused elementwise operators (one PyTorch op per kernel: RMSNorm's fp32 steps,
+    #: SiLU then mul, residual adds) as a fraction of nominal bandwidth
+    elementwise: Quantity | None = None
+    #: measured fractions for transformers' own kernels, keyed by operator kind (norm, mlp_act, residual,
+    #: rotary, kv_cache_update, attention_decode); they win over ``elementwise`` for that kind
+    by_op: dict[str, Quantity] = Field(default_factory=dict)
 
 
 _NOT_GIVEN = Quantity(value=0.0, source="not given: roofline only (no fixed overhead)")
 
 
 class Overhead(_Strict):
-    """Fixed costs on top of the roofline, measured where they matter (CPUs running eager PyTorch).
+    """Fixed costs on top of the roofline, measured where they matter.
 
-    ``per_weight_row_s`` is the time per output row of a weight-streaming matrix product beyond its
-    bytes / bandwidth: CPU matrix-vector kernels reach far less bandwidth on short rows (hidden 576)
-    than on long ones, which a fixed cost per row captures (fitted over row lengths 512..8192)."""
+    ``per_forward_s`` and ``per_layer_s`` are framework costs of a CPU running eager PyTorch (tiny
+    models). ``per_weight_row_s`` is the time per output row of a weight-streaming matrix product
+    beyond its bytes / bandwidth: CPU matrix-vector kernels reach far less bandwidth on short rows
+    (hidden 576) than on long ones (fitted over row lengths 512..8192). On GPUs every kernel costs
+    a fixed time however little it does (launch, ramp-up, drain, the gap to the next kernel, even in
+    a CUDA graph): ``per_kernel_s`` for each elementwise/reduction kernel, ``per_gemm_s`` for each
+    matrix product (cuBLAS's intercept, about twice a small kernel's) and ``per_attention_s`` for each
+    fused attention call (unset: ``per_kernel_s``)."""
 
     per_forward_s: Quantity = _NOT_GIVEN
     per_layer_s: Quantity = _NOT_GIVEN
     per_weight_row_s: Quantity = _NOT_GIVEN
+    per_kernel_s: Quantity = _NOT_GIVEN
+    #: per kernel of a prefill forward (kernels over many tokens ramp up longer); unset: per_kernel_s
+    prefill_per_kernel_s: Quantity = _NOT_GIVEN
+    per_gemm_s: Quantity = _NOT_GIVEN
+    #: each fused (flash) attention call, instead of per_kernel_s: its latency at short prompts
+    per_attention_s: Quantity = _NOT_GIVEN
+
+
+class HostOverhead(_Strict):
+    """The host's time (Python, transformers, PyTorch dispatch, launch calls) to issue one forward
+    when it is not replayed from a CUDA graph. With ``execution: eager`` a forward takes the larger
+    of this and the device's time: the GPU waits for the host or the host for the GPU."""
+
+    per_forward_s: Quantity
+    per_layer_s: Quantity
 
 
 _NO_OVERHEAD = Overhead()
@@ -102,6 +138,7 @@ class Device(_Strict):
     peak_flops: dict[Literal["fp32", "tf32", "fp16", "bf16", "fp8", "int8"], Quantity]
     achievable: Achievable
     overhead: Overhead = _NO_OVERHEAD
+    host_overhead: HostOverhead | None = None
     sparse_2_4: Flag = _NO_SPARSE
 
     def peak(self, key: str) -> float:
@@ -115,6 +152,13 @@ class Device(_Strict):
 
     def achievable_bandwidth(self) -> float:
         return self.memory_bandwidth.value * self.achievable.memory.value
+
+    def op_bandwidth(self, kind: str = "") -> float:
+        """Bandwidth of one of transformers' own (unfused) operators: the measured fraction for its kind
+        if the device has one, else the elementwise fraction, else the memory fraction."""
+        a = self.achievable
+        frac = a.by_op.get(kind) or a.elementwise or a.memory
+        return self.memory_bandwidth.value * frac.value
 
     def achievable_flops(self, key: str, kind: Literal["matrix", "attention", "vector"] = "matrix") -> float:
         a = self.achievable

@@ -1,7 +1,8 @@
 """Model shapes for the roofline estimator, read from a Hugging Face config dict (no weights, no torch).
 
-``ARCHITECTURES`` is the one table of what the estimator needs to know per ``model_type``: norm kind,
-MLP kind and activation, which projections carry biases, rotary fraction, where the FFN width lives.
+What the estimator needs to know per ``model_type`` (norm kind, MLP kind and activation, which
+projections carry biases, positions, tied head, where the FFN width lives) is read from the adapter
+table, ``compress.adapters.ADAPTERS`` (each entry's ``ArchFacts``), the one place that knows architectures.
 Structurally pruned models may give per-layer values: ``intermediate_size`` (or ``ffn_dim``),
 ``num_attention_heads`` and ``num_key_value_heads`` can be lists with one entry per layer (then
 ``head_dim`` must be given, since it can no longer be derived from ``hidden_size``).
@@ -24,7 +25,8 @@ SHAPES_DIR = Path(__file__).with_name("model_shapes")
 
 @dataclass(frozen=True)
 class Arch:
-    """Per-architecture facts the FLOP/byte model needs (one row of ``ARCHITECTURES``)."""
+    """Per-architecture facts the FLOP/byte model needs: ``ArchFacts`` from the adapter table
+    (``compress.adapters.ADAPTERS``) plus what the adapter's layout implies (fused q/k/v, FFN key)."""
 
     norm: Literal["rms", "layer"]
     mlp: Literal["gated", "plain"]
@@ -44,31 +46,28 @@ class Arch:
     parallel_residual_key: str | None = None
 
 
-_LLAMA = Arch(norm="rms", mlp="gated", act_flops=5.0, ffn_key="intermediate_size",
-              qkv_bias=("attention_bias", False), out_bias=("attention_bias", False),
-              mlp_bias=("mlp_bias", False), tie_default=False, positions="rope")
+def known_model_types() -> list[str]:
+    """model_types the roofline can count: adapter-table entries that carry architecture facts."""
+    from compress.adapters import ADAPTERS
 
-ARCHITECTURES: dict[str, Arch] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    # Qwen2 has q/k/v biases and no bias on o_proj; there is no config switch for either.
-    "qwen2": Arch(norm="rms", mlp="gated", act_flops=5.0, ffn_key="intermediate_size",
-                  qkv_bias=(None, True), out_bias=(None, False), mlp_bias=(None, False),
-                  tie_default=False, positions="rope"),
-    # Qwen3 drops the q/k/v biases and adds an RMSNorm over head_dim on q and k.
-    "qwen3": Arch(norm="rms", mlp="gated", act_flops=5.0, ffn_key="intermediate_size",
-                  qkv_bias=("attention_bias", False), out_bias=("attention_bias", False),
-                  mlp_bias=(None, False), tie_default=False, positions="rope", qk_norm=True),
-    # OPT: fc1 -> ReLU -> fc2, biases everywhere, learned positions, no GQA, tied head by default.
-    "opt": Arch(norm="layer", mlp="plain", act_flops=1.0, ffn_key="ffn_dim",
-                qkv_bias=("enable_bias", True), out_bias=("enable_bias", True), mlp_bias=("enable_bias", True),
-                tie_default=True, positions="learned"),
-    # GPT-NeoX (Pythia): fused query_key_value, GELU (erf, ~8 FLOPs), partial rotary, parallel residual.
-    "gpt_neox": Arch(norm="layer", mlp="plain", act_flops=8.0, ffn_key="intermediate_size",
-                     qkv_bias=("attention_bias", True), out_bias=("attention_bias", True),
-                     mlp_bias=(None, True), tie_default=False, positions="rope", fused_qkv=True,
-                     parallel_residual_key="use_parallel_residual"),
-}
+    return sorted(t for t, a in ADAPTERS.items() if a.arch is not None)
+
+
+def architecture(model_type: str | None) -> Arch:
+    """The facts for ``model_type`` from the adapter table; UnsupportedModelError naming the known ones."""
+    from compress.adapters import ADAPTERS
+
+    adapter = ADAPTERS.get(model_type) if isinstance(model_type, str) else None
+    if adapter is None or adapter.arch is None:
+        raise UnsupportedModelError(
+            f"roofline: model_type {model_type!r} is not in the adapter table; known: "
+            f"{', '.join(known_model_types())} (add an Adapter with its ArchFacts to ADAPTERS in compress/adapters.py)"
+        )
+    f = adapter.arch
+    return Arch(norm=f.norm, mlp=f.mlp, act_flops=f.act_flops, ffn_key=adapter.config_key("intermediate"),
+                qkv_bias=f.qkv_bias, out_bias=f.out_bias, mlp_bias=f.mlp_bias, tie_default=f.tie_default,
+                positions=f.positions, qk_norm=f.qk_norm, fused_qkv=adapter.fused_qkv,
+                parallel_residual_key=f.parallel_residual_key)
 
 
 @dataclass(frozen=True)
@@ -195,12 +194,7 @@ def _rotary_fraction(cfg: dict[str, Any]) -> float:
 def model_shape(cfg: dict[str, Any], name: str = "model") -> ModelShape:
     """Turn a config dict into a ``ModelShape``. Unknown ``model_type`` raises UnsupportedModelError."""
     mt = cfg.get("model_type")
-    if mt not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"roofline: model_type {mt!r} is not in the architecture table; known: {', '.join(sorted(ARCHITECTURES))} "
-            f"(add a row to ARCHITECTURES in compress/eval/roofline_shapes.py)"
-        )
-    arch = ARCHITECTURES[mt]
+    arch = architecture(mt)
     hidden = _int(cfg, "hidden_size")
     n_layers = _int(cfg, "num_hidden_layers")
     heads = _per_layer(cfg, "num_attention_heads", n_layers)

@@ -9,7 +9,8 @@ Two things every backend needs from a ``QuantizedLinear``'s buffers (conventions
    columns by group once at load (``perm = argsort(g_idx)``) and gather ``x[..., perm]`` at run time
    (the Triton kernel fuses that gather into its activation load; the CPU path does one
    ``index_select``). Per-channel layers (one group) need no permutation at all.
-2. **Packed codes** in the layout the kernel reads fastest (``pack_planar`` below for Triton).
+2. **Packed codes** in the layout the kernel reads fastest (``pack_planar`` for the Triton kernels,
+   ``pack_chunked`` for the CUDA kernel).
 """
 from __future__ import annotations
 
@@ -89,8 +90,24 @@ def pack_planar(codes: torch.Tensor, width: int = PLANE_WIDTH) -> torch.Tensor:
     """
     if width not in WIDTHS:
         raise ValueError(f"plane width must be one of {WIDTHS}, got {width}")
+    return _pack(codes, width, padded_k(codes.shape[1], width))
+
+
+# CUDA layout: width 1 of the planar scheme, i.e. each word holds 8 CONSECUTIVE columns (column j of
+# the word at PLANE_SHIFT[j], so one lop3 reads columns 2p and 2p + 1 as a pair), K padded to a
+# multiple of CHUNK_STEP (the widest step of the kernel) so that copies never leave the row.
+CHUNK_STEP = 256
+
+
+def pack_chunked(codes: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes [N, K] into int32 words [N, Kp / 8] for the CUDA kernel (Kp = K rounded up to
+    a multiple of 256; padded columns get code 0). ``unpack_planar(words, K, 1)`` inverts it."""
+    k = codes.shape[1]
+    return _pack(codes, 1, -(-k // CHUNK_STEP) * CHUNK_STEP)
+
+
+def _pack(codes: torch.Tensor, width: int, kp: int) -> torch.Tensor:
     n, k = codes.shape
-    kp = padded_k(k, width)
     q = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)
     q[:, :k] = codes.to(torch.int64)
     q = q.view(n, kp // (8 * width), 8, width)  # [N, block, plane, word]
@@ -108,6 +125,15 @@ def unpack_planar(words: torch.Tensor, k: int, width: int = PLANE_WIDTH) -> torc
     blocks = words.to(torch.int64).view(n, kp // (8 * width), 1, width)
     q = (blocks >> shifts) & 0xF  # [N, block, plane, word]
     return q.reshape(n, kp)[:, :k].to(torch.uint8)
+
+
+def restore_codes(words: torch.Tensor, k: int, width: int, perm: torch.Tensor | None) -> torch.Tensor:
+    """The uint8 codes [N, k] in the ORIGINAL column order from packed words whose columns were
+    stored in group order (``perm`` from ``contiguous_group_order``, or None)."""
+    codes = unpack_planar(words, k, width)
+    if perm is None:
+        return codes
+    return torch.empty_like(codes).index_copy_(1, perm.to(codes.device).long(), codes)
 
 
 def group_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,12 @@
 """W4A16 matmul in Triton: ``y = x @ W.T`` with 4-bit group-quantized W, fp16/bf16 activations.
 
+This module is also the entry point of the GPU path (``repack``, ``w4a16_matmul``, ``tune``): where
+it can run, ``repack`` packs a layer for the CUDA kernel of ``cuda_w4a16`` (1..16 rows in one
+launch; 1.5-2x faster than the Triton kernels below at M <= 16, docs/kernels.md), and
+``w4a16_matmul`` routes to it (M > 16: its dequantize kernel + cuBLAS; ``large_m`` is ignored for
+such layers). The Triton kernels serve the other layers (groups of 16 columns, dimensions not
+multiples of 8/16, no NVRTC).
+
 Design (numbers and measurements: docs/kernels.md):
 
 - Weights are repacked once at load by ``compress.kernels.layout.pack_planar``: int32 words, 8 codes
@@ -112,6 +119,29 @@ def _x_plane(x_rows, perm_ptr, cols, k_mask, row_mask, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
+def _tile_start(w_ptr, N, K, n_blocks, per_split, PW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Shared prologue of the GEMV and tensor-core kernels: this program's rows (grid axis 0) and
+    K slice (axis 1), its word-tile pointers, and the first block's words already loaded."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_i = tl.arange(0, PW)
+    n_mask = offs_n < N
+    w_tile = w_ptr + offs_n[:, None].to(tl.int64) * (n_blocks * PW) + offs_i[None, :]
+    b0 = tl.program_id(1) * per_split
+    w_first = tl.load(w_tile + b0 * PW, mask=n_mask[:, None] & (b0 * 8 * PW + offs_i < K)[None, :], other=0)
+    return offs_n, offs_i, n_mask, w_tile, b0, w_first
+
+
+@triton.jit
+def _next_words(w_tile, b, i, per_split, n_mask, offs_i, K, PW: tl.constexpr):
+    """Words of block b + 1, loaded before block b computes: register double buffering (Triton does
+    not software-pipeline loads that feed no tl.dot). Words whose columns all lie past K (padding
+    of the last block) or past this program's slice are not read."""
+    return tl.load(w_tile + (b + 1) * PW,
+                   mask=n_mask[:, None] & ((b + 1) * 8 * PW + offs_i < K)[None, :] & (i + 1 < per_split),
+                   other=0)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr,
     N, K, G, GROUP, n_blocks, per_split,
@@ -121,28 +151,16 @@ def _w4a16_gemv_kernel(
 ):
     """One activation row on the FMA units (see the module docstring). PW: words per row and block
     (a block is 8 * PW columns)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     BK: tl.constexpr = 8 * PW
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_i = tl.arange(0, PW)
-    n_mask = offs_n < N
+    offs_n, offs_i, n_mask, w_tile, b0, w_next = _tile_start(w_ptr, N, K, n_blocks, per_split, PW, BLOCK_N)
     one_row = tl.full((1,), 1, tl.int1)
-    w_tile = w_ptr + offs_n[:, None].to(tl.int64) * (n_blocks * PW) + offs_i[None, :]
     acc = tl.zeros((BLOCK_N, PW), dtype=tl.float32)
-    b0 = pid_k * per_split
-    # Register double buffering: the next block's words are in flight while this one computes
-    # (Triton does not software-pipeline loads that feed no tl.dot). Words whose columns all lie
-    # past K (padding of the last block) are not read.
-    w_next = tl.load(w_tile + b0 * PW, mask=n_mask[:, None] & (b0 * BK + offs_i < K)[None, :], other=0)
     for i in range(0, per_split):
         b = b0 + i
         valid = b < n_blocks
         w = w_next
-        w_next = tl.load(w_tile + (b + 1) * PW,
-                         mask=n_mask[:, None] & ((b + 1) * BK + offs_i < K)[None, :] & (i + 1 < per_split),
-                         other=0)
+        w_next = _next_words(w_tile, b, i, per_split, n_mask, offs_i, K, PW)
         if PER_PLANE:
             # Groups narrower than a block: zero and scale per plane (a plane never straddles one).
             planes = _planes(w, tl.zeros_like(offs_n), DTYPE, USE_ASM)
@@ -174,7 +192,7 @@ def _w4a16_gemv_kernel(
             acc += blk * _scale(s_ptr, g, N, offs_n, n_mask)[:, None]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        if pid_k == 0:
+        if tl.program_id(1) == 0:
             y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if ATOMIC:
         tl.atomic_add(out_ptr + offs_n, y, mask=n_mask, sem="relaxed")
@@ -193,28 +211,18 @@ def _w4a16_mma_kernel(
 ):
     """BLOCK_M (>= 16) activation rows; each plane is one [BLOCK_M, PW] x [PW, BLOCK_N]
     tensor-core product (rows past M are masked to zero)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     BK: tl.constexpr = 8 * PW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_i = tl.arange(0, PW)
+    offs_n, offs_i, n_mask, w_tile, b0, w_next = _tile_start(w_ptr, N, K, n_blocks, per_split, PW, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    n_mask = offs_n < N
-    w_tile = w_ptr + offs_n[:, None].to(tl.int64) * (n_blocks * PW) + offs_i[None, :]
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    b0 = pid_k * per_split
-    w_next = tl.load(w_tile + b0 * PW, mask=n_mask[:, None] & (b0 * BK + offs_i < K)[None, :], other=0)
     for i in range(0, per_split):
         b = b0 + i
         valid = b < n_blocks
         w = w_next
-        w_next = tl.load(w_tile + (b + 1) * PW,
-                         mask=n_mask[:, None] & ((b + 1) * BK + offs_i < K)[None, :] & (i + 1 < per_split),
-                         other=0)
+        w_next = _next_words(w_tile, b, i, per_split, n_mask, offs_i, K, PW)
         if PER_PLANE:
             for j in tl.static_range(8):
                 g = tl.minimum((b * BK + j * PW) // GROUP, G - 1)
@@ -234,7 +242,7 @@ def _w4a16_mma_kernel(
                 blk = tl.dot(xj, tl.trans(planes[j]), acc=blk, out_dtype=tl.float32)
             acc += blk * _scale(s_ptr, g, N, offs_n, n_mask)[None, :]
     if HAS_BIAS:
-        if pid_k == 0:
+        if tl.program_id(1) == 0:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
@@ -287,10 +295,13 @@ class KernelConfig:
 
 @dataclass
 class W4A16Weight:
-    """A QuantizedLinear repacked for ``w4a16_matmul`` (all tensors on the GPU)."""
+    """A QuantizedLinear repacked for ``w4a16_matmul`` (all tensors on the GPU).
 
-    words: torch.Tensor  # int32 [N, Kp/8], layout.pack_planar with plane width ``width``
-    scales: torch.Tensor  # fp16 [G, N]
+    ``kernel`` says which kernels read it and so which layout ``words`` has: "cuda"
+    (``cuda_w4a16``, ``layout.pack_chunked``, width 1) or "triton" (``layout.pack_planar``)."""
+
+    words: torch.Tensor  # int32 [N, Kp/8]
+    scales: torch.Tensor  # [G, N]: fp16 (triton); the layer's fp16/bf16 dtype (cuda)
     zeros: torch.Tensor | None  # uint8 [G, N]; None when symmetric (z = 8)
     perm: torch.Tensor | None  # int32 [K] columns of x in group order; None when already in order
     bias: torch.Tensor | None
@@ -300,7 +311,9 @@ class W4A16Weight:
     width: int = layout.PLANE_WIDTH  # words per row and block; a block is 8 * width columns
     large_m: str = "triton"  # path for M > max_small_m: "triton" (BLOCK_M=64) or "dequant" (cuBLAS)
     max_small_m: int = 16
-    configs: dict[tuple, KernelConfig] = field(default_factory=dict)  # tuned per M bucket
+    configs: dict[int, Any] = field(default_factory=dict)  # tuned config per M bucket
+    kernel: str = "triton"
+    _scales_as: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def n_groups(self) -> int:
@@ -315,12 +328,28 @@ class W4A16Weight:
         codes = self.out_features * self.in_features // 2
         return codes + sum(x.numel() * x.element_size() for x in (self.scales, self.zeros) if x is not None)
 
+    def scales_for(self, dtype: torch.dtype) -> torch.Tensor:
+        """Scales in ``dtype`` (the CUDA kernel multiplies in the activation dtype), converted once.
+        Call it outside CUDA-graph capture the first time (``tune`` and a warm-up call do)."""
+        if self.scales.dtype == dtype:
+            return self.scales
+        if dtype not in self._scales_as:
+            self._scales_as[dtype] = self.scales.to(dtype)
+        return self._scales_as[dtype]
+
+    def restore_codes(self) -> torch.Tensor:
+        """The layer's uint8 codes [N, K] in the ORIGINAL column order, rebuilt exactly from the
+        packed words (lets ``QuantizedLinear.release_codes`` free its copy)."""
+        return layout.restore_codes(self.words, self.in_features, self.width, self.perm)
+
     def clone(self) -> "W4A16Weight":
         """A copy with its own tensors (benchmarks rotate copies so L2 does not hold the weight)."""
-        c = replace(self, configs=self.configs)
+        c = replace(self, configs=self.configs, _scales_as={})
         for name in ("words", "scales", "zeros", "perm", "bias"):
             t = getattr(self, name)
             setattr(c, name, None if t is None else t.clone())
+        for dtype in self._scales_as:
+            c.scales_for(dtype)
         return c
 
 
@@ -329,31 +358,57 @@ def fits_width(group: int, n_groups: int, width: int) -> bool:
     return n_groups == 1 or group % width == 0
 
 
+KERNELS = ("auto", "cuda", "triton")
+
+
 def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
            bits: int, symmetric: bool, bias: torch.Tensor | None, device: torch.device | str,
-           width: int = layout.PLANE_WIDTH) -> W4A16Weight:
-    """Repack QuantizedLinear buffers (see ``compress.nn.qlinear``) once, at load. ``width`` is
-    lowered to the widest of layout.WIDTHS that divides the group. Raises ValueError for grids the
-    kernel does not handle (not 4-bit, groups not a multiple of 16 columns)."""
+           width: int = layout.PLANE_WIDTH, kernel: str = "auto") -> W4A16Weight:
+    """Repack QuantizedLinear buffers (see ``compress.nn.qlinear``) once, at load.
+
+    ``kernel``: "cuda" (``cuda_w4a16``: 1..16 rows in one launch; groups a multiple of 32 columns,
+    in_features and out_features multiples of 8, NVRTC available), "triton" (``width`` is lowered to the widest of
+    layout.WIDTHS that divides the group), or "auto": cuda where it can run, else triton (logged).
+    Raises ValueError for grids no kernel here handles (not 4-bit, groups not a multiple of 16
+    columns), or for kernel="cuda" on a layer it cannot run."""
     if bits != 4:
         raise ValueError(f"the W4A16 kernel needs 4-bit codes, got bits={bits}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     n, k = qweight.shape
     order = layout.contiguous_group_order(g_idx, scales.shape[1])
     if not fits_width(order.group_size, scales.shape[1], layout.PLANE_WIDTH):
         raise ValueError(f"group size {order.group_size} is not a multiple of {layout.PLANE_WIDTH}")
-    while not fits_width(order.group_size, scales.shape[1], width):
-        width //= 2
+    if kernel != "triton":
+        from compress.kernels import cuda_w4a16
+
+        why = cuda_w4a16.unsupported_reason(order.group_size, scales.shape[1], k, n, device)
+        if why is not None and kernel == "cuda":
+            raise ValueError(f"the CUDA W4A16 kernel cannot run this layer: {why}")
+        if why is not None:
+            log.info("W4A16: Triton kernel for a %dx%d layer (CUDA kernel: %s)", n, k, why)
+            kernel = "triton"
+        else:
+            kernel = "cuda"
+    if kernel == "triton":
+        while not fits_width(order.group_size, scales.shape[1], width):
+            width //= 2
     # Packing runs where the codes are (a 7B model's codes are too large to pack on the host).
     codes = layout.ordered_codes(qweight.to(device), order)
     # Symmetric grids store z = 8 everywhere; only then may the kernel drop the zero-point load.
     sym = bool(symmetric) and bool((zeros == 8).all())
+    if kernel == "cuda":
+        words, width = layout.pack_chunked(codes), 1
+        sdtype = scales.dtype if scales.dtype in (torch.float16, torch.bfloat16) else torch.float16
+    else:
+        words, sdtype = layout.pack_planar(codes, width), torch.float16
     return W4A16Weight(
-        words=layout.pack_planar(codes, width),
-        scales=layout.group_major(scales, torch.float16).to(device),
+        words=words,
+        scales=layout.group_major(scales, sdtype).to(device),
         zeros=None if sym else layout.group_major(zeros, torch.uint8).to(device),
         perm=None if order.perm is None else order.perm.to(torch.int32).to(device),
         bias=None if bias is None else bias.detach().to(torch.float32).to(device),
-        in_features=k, out_features=n, group=order.group_size, width=width,
+        in_features=k, out_features=n, group=order.group_size, width=width, kernel=kernel,
     )
 
 
@@ -382,10 +437,16 @@ def default_config(m: int, n: int, n_blocks: int, sm_count: int = 132) -> Kernel
                         use_dot=True, use_asm=True)
 
 
-def launch(x2d: torch.Tensor, wt: W4A16Weight, cfg: KernelConfig, out: torch.Tensor | None = None
+def launch(x2d: torch.Tensor, wt: W4A16Weight, cfg: Any, out: torch.Tensor | None = None
            ) -> torch.Tensor:
-    """``_launch`` with one retry: a tensor-core config whose tile needs more shared memory than the
-    device has (seen on the H100 for BLOCK_M=64 with 64-word planes) is halved and retried once."""
+    """One matmul with an explicit config: a ``cuda_w4a16.CudaConfig`` for layers packed for the
+    CUDA kernel, else a Triton ``KernelConfig`` through ``_launch`` with one retry: a tensor-core
+    config whose tile needs more shared memory than the device has (seen on the H100 for
+    BLOCK_M=64 with 64-word planes) is halved and retried once."""
+    if wt.kernel == "cuda":
+        from compress.kernels import cuda_w4a16
+
+        return cuda_w4a16.matmul(x2d, wt, cfg, out)
     try:
         return _launch(x2d, wt, cfg, out)
     except triton.runtime.errors.OutOfResources as e:
@@ -451,10 +512,16 @@ def _interpreting() -> bool:
 
 
 def dequant_matmul(x2d: torch.Tensor, wt: W4A16Weight) -> torch.Tensor:
-    """Large-M path: dequantize once per call with ``_dequant_kernel``, then cuBLAS."""
+    """Large-M path: dequantize once per call (``_dequant_kernel`` or the CUDA layout's own), then
+    cuBLAS."""
     if wt.perm is not None:
         x2d = x2d.index_select(1, wt.perm.long())
-    w = dequantize_sorted(wt, x2d.dtype)
+    if wt.kernel == "cuda":
+        from compress.kernels import cuda_w4a16
+
+        w = cuda_w4a16.dequantize(wt, x2d.dtype)
+    else:
+        w = dequantize_sorted(wt, x2d.dtype)
     return torch.nn.functional.linear(x2d, w, None if wt.bias is None else wt.bias.to(x2d.dtype))
 
 
@@ -484,10 +551,18 @@ def w4a16_matmul(x: torch.Tensor, wt: W4A16Weight) -> torch.Tensor:
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m = x2d.shape[0]
-    if m > wt.max_small_m and wt.large_m == "dequant":
+    if m > wt.max_small_m and (wt.large_m == "dequant" or wt.kernel == "cuda"):
         return dequant_matmul(x2d, wt).reshape(*lead, wt.out_features)
-    cfg = wt.configs.get(_bucket(m)) or default_config(m, wt.out_features, wt.n_blocks)
+    cfg = wt.configs.get(_bucket(m)) or _default_for(wt, m)
     return launch(x2d, wt, cfg).reshape(*lead, wt.out_features)
+
+
+def _default_for(wt: W4A16Weight, m: int) -> Any:
+    if wt.kernel == "cuda":
+        from compress.kernels import cuda_w4a16
+
+        return cuda_w4a16.default_config(m, wt.out_features)
+    return default_config(m, wt.out_features, wt.n_blocks)
 
 
 def candidate_configs(m: int, n: int, n_blocks: int, width: int = layout.PLANE_WIDTH) -> list[KernelConfig]:
@@ -544,22 +619,45 @@ def copies_for(nbytes: int, l2_bytes: int = 50 * 2**20) -> int:
 
 
 def tune(wt: W4A16Weight, m: int, dtype: torch.dtype = torch.float16,
-         candidates: list[KernelConfig] | None = None) -> tuple[KernelConfig, list[dict[str, Any]]]:
+         candidates: list[Any] | None = None) -> tuple[Any, list[dict[str, Any]]]:
     """Time candidate configs for M rows (CUDA-graph timing over rotated weight copies); remember
-    the best in ``wt.configs`` and return (best, rows of {config, ms}). Run it before CUDA-graph
-    capture of a model (it synchronizes)."""
+    the best in ``wt.configs`` and return (best, rows of {config, ms, err}). A config whose output
+    misses the dequantized reference is skipped with a warning. Run it before CUDA-graph capture
+    of a model (it synchronizes)."""
+    if candidates is None:
+        if wt.kernel == "cuda":
+            from compress.kernels import cuda_w4a16
+
+            candidates = cuda_w4a16.candidate_configs(m, wt.out_features)
+        else:
+            candidates = candidate_configs(m, wt.out_features, wt.n_blocks, wt.width)
+    wt.scales_for(dtype)  # converted before any capture
     copies = [wt] + [wt.clone() for _ in range(copies_for(wt.nbytes()) - 1)]
     x = torch.randn(m, wt.in_features, device=wt.words.device, dtype=dtype)
+    # Every candidate must compute the function before its time counts (the dequantized weight in
+    # float32 is the reference; bounds as in tests/test_kernels.py).
+    ref = x.float() @ dequantize_packed(wt, torch.float32).t()
+    if wt.bias is not None:
+        ref += wt.bias.float()
+    bound = 3e-3 if dtype == torch.float16 else 1.5e-2
     rows = []
-    for cfg in candidates or candidate_configs(m, wt.out_features, wt.n_blocks, wt.width):
+    for cfg in candidates:
         try:
+            err = float((launch(x, wt, cfg).float() - ref).norm() / ref.norm())
+            if not err < bound:
+                raise ValueError(f"relative error {err:.2e} against the dequantized weight (bound {bound})")
             ms = graph_time_ms([lambda c=c, cfg=cfg: launch(x, c, cfg) for c in copies])
         except Exception as e:  # a config the compiler rejects (e.g. out of resources) is skipped
-            log.debug("config %s failed: %s", cfg, e)
+            (log.warning if wt.kernel == "cuda" else log.debug)("config %s skipped: %s", cfg, e)
             continue
-        rows.append({"config": cfg.as_dict(), "ms": ms})
+        rows.append({"config": cfg.as_dict(), "ms": ms, "err": err, "cfg": cfg})
     del copies
+    if not rows:
+        raise RuntimeError(f"no W4A16 config ran correctly for M={m} on a {wt.out_features}x{wt.in_features} "
+                           "layer (warnings above say why)")
     best = min(rows, key=lambda r: r["ms"])
-    cfg = KernelConfig(**best["config"])
+    cfg = best.pop("cfg")
+    for r in rows:
+        r.pop("cfg", None)
     wt.configs[_bucket(m)] = cfg
     return cfg, rows

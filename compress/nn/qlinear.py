@@ -14,6 +14,8 @@ repack these buffers once and replace ``forward`` through ``set_backend``.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +82,31 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] that this layer computes with."""
         return dequantize_weight(self.qweight, self.scales, self.zeros, self.g_idx)
+
+    def release_codes(self, restore: Callable[[], torch.Tensor]) -> None:
+        """Free the uint8 ``qweight`` (1 byte per weight) once a kernel holds a packed copy.
+
+        ``restore()`` must rebuild the codes exactly (e.g. ``W4A16Weight.restore_codes``). Anything
+        that still reads ``qweight`` gets them back on first access and keeps them: the dequantize
+        forward (``set_backend(None)``), checkpoint writers, ``state_dict()``, re-running
+        ``accelerate`` (e.g. after moving the model, which does not move released codes)."""
+        del self._buffers["qweight"]
+        self._restore_codes = restore
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "qweight" and self.__dict__.get("_restore_codes") is not None:
+            restore, self._restore_codes = self._restore_codes, None
+            self.register_buffer("qweight", restore().to(torch.uint8))
+            return self._buffers["qweight"]
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self.qweight  # restores released codes so that a state dict always holds them
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.qweight  # a released buffer must exist again to be loaded into
+        super()._load_from_state_dict(*args, **kwargs)
 
     def set_backend(self, fn) -> None:
         """Install a fast forward ``fn(x) -> y`` (kernels call this after repacking); None restores the default."""

@@ -1,0 +1,639 @@
+"""W4A16 matmul for 1..16 activation rows as a CUDA kernel compiled at run time with NVRTC.
+
+Why not Triton for this: at batch 1 the Triton kernel reached about half the copy bandwidth and
+needed split-K (a memset, the kernel and a cast: three graph nodes) to fill 132 multiprocessors
+(docs/kernels.md). Here one launch does everything, each warp streams its weights through a
+``cp.async`` pipeline several steps deep (no registers held while loads are in flight, and the
+compiler cannot sink the loads next to their use as it does with register loads), and the tensor
+cores do the multiply-add for any M <= 16, so one kernel serves decode and small batches.
+
+Layout (``layout.pack_chunked``): codes packed along K, 8 consecutive columns per int32 word in the
+order of ``layout.PLANE_SHIFT`` (columns 2p and 2p+1 in the low and high 16-bit halves at shift
+4p), K padded to a multiple of 256. A 16-byte copy moves one "chunk" of 32 consecutive columns of
+one row; ``lop3(w & 0x000F000F | magic)`` turns two columns into the pair of floats (magic + q)
+at once (magic 1024 for fp16, 128 for bf16); one subtraction of (magic + z) leaves the exact
+integer q - z (fp16 reads the odd pairs in place as 1024 + 16q and one fma by (1/16, -(64 + z))
+does the shift and the subtraction).
+
+Product: D^T = W x^T with ``mma.m16n8k16``: A = 16 weight rows (lane (g, t) holds rows g and g + 8
+of a tile), B = up to 8 activation rows (twice for M > 8). A warp step covers 128 * kc columns
+(4 lanes x 32, kc times); a lane's column pairs are the instruction's logical k (2t, 2t+1) and
+(2t+8, 2t+9): the products sum over K, so any fixed assignment of columns to logical k works as
+long as A and B use the same one. When a group spans whole 128-column half-steps (group a multiple
+of 128, or per-channel) the products are exact (q - z) x sums in fp32 and are scaled once per
+128 columns; narrower groups
+scale each weight ((q - z) s rounded once to the activation dtype, as fp16 cuBLAS on dequantized
+weights would see it). KW warps of a block take consecutive slices of K for the same rows and add
+their partial sums in shared memory at the end.
+
+The kernels are compiled once per configuration and process (``torch.cuda._compile_kernel``,
+NVRTC, well under a second each) and launched through the driver API on the current stream, so
+CUDA graphs capture them like any other kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+log = logging.getLogger(__name__)
+
+CHUNK = 32  # columns per 16-byte load
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+struct __align__(16) V4 { u32 a, b, c, d; };
+
+#if BF16
+#define MAGIC 0x4300u   /* bf16 128.0 */
+#define MMA_T "bf16"
+#else
+#define MAGIC 0x6400u   /* fp16 1024.0 */
+#define MMA_T "f16"
+#endif
+
+__device__ __forceinline__ u32 word(const V4& v, int q) {
+  return q == 0 ? v.a : q == 1 ? v.b : q == 2 ? v.c : v.d;
+}
+// A 16-byte load predicated inside the asm (zeros when off): a C++ `pred ? load : 0` becomes a
+// branch around the load in PTX, and branches stop ptxas from moving loads up.
+__device__ __forceinline__ V4 ld_x_if(const u32* p, bool pred) {  // activations: L1-cached
+  V4 v;
+  asm("{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n}\n"
+      : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(p), "r"((int)pred));
+  return v;
+}
+// The pair of columns at bits (0..3, 16..19) of v as the floats (MAGIC + q): one lop3.
+__device__ __forceinline__ u32 pair_lo(u32 v) {
+  u32 r;
+  asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xea;" : "=r"(r) : "r"(v), "n"(MAGIC * 0x10001u));
+  return r;
+}
+// Exact q - z for the pair (MAGIC + q): zz holds (MAGIC + z) (fp16) or -(MAGIC + z) (bf16).
+__device__ __forceinline__ u32 sub_zero(u32 h, u32 zz) {
+  u32 d;
+#if BF16
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(h), "r"(0x3F803F80u), "r"(zz));  // sm_80: no sub.bf16x2
+#else
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(zz));
+#endif
+  return d;
+}
+__device__ __forceinline__ u32 zero_pair(u32 z) {
+#if BF16
+  return (0xC300u + z) * 0x10001u;
+#else
+  return (MAGIC + z) * 0x10001u;
+#endif
+}
+// The four pairs of one word as exact (q - z): pairs p = 0..3 hold columns 2p, 2p + 1 at shifts
+// 4p and 16 + 4p (layout.PLANE_SHIFT). fp16: pairs 1 and 3 are read in place as 1024 + 16q and
+// one fma by (1/16, -(64 + z)) both scales and subtracts (exact: powers of two and small integers).
+__device__ __forceinline__ void unpack4(u32 v, u32 zz, u32 zz16, u32* h) {
+#if BF16
+  h[0] = sub_zero(pair_lo(v), zz);
+  h[1] = sub_zero(pair_lo(v >> 4), zz);
+  h[2] = sub_zero(pair_lo(v >> 8), zz);
+  h[3] = sub_zero(pair_lo(v >> 12), zz);
+#else
+  const u32 v8 = v >> 8;
+  u32 t1, t3;
+  asm("lop3.b32 %0, %1, 0x00F000F0, %2, 0xea;" : "=r"(t1) : "r"(v), "n"(MAGIC * 0x10001u));
+  asm("lop3.b32 %0, %1, 0x00F000F0, %2, 0xea;" : "=r"(t3) : "r"(v8), "n"(MAGIC * 0x10001u));
+  h[0] = sub_zero(pair_lo(v), zz);
+  h[2] = sub_zero(pair_lo(v8), zz);
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(h[1]) : "r"(t1), "r"(0x2C002C00u), "r"(zz16));
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(h[3]) : "r"(t3), "r"(0x2C002C00u), "r"(zz16));
+#endif
+}
+__device__ __forceinline__ u32 zero_pair16(u32 z) {  // fp16 pair -(64 + z) for unpack4
+  return (0xD400u + 16u * z) * 0x10001u;  // -(64 + z): exponent of 64, mantissa z / 64 (10 bits)
+}
+__device__ __forceinline__ u32 scale_pair(u32 h, u32 ss) {  // h * s, rounded once
+  u32 d;
+#if BF16
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(h), "r"(ss), "r"(0x80008000u));
+#else
+  asm("mul.f16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(ss));
+#endif
+  return d;
+}
+__device__ __forceinline__ float to_float(u32 h16) {
+  float f;
+#if BF16
+  asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.bf16 %0, t; }" : "=f"(f) : "r"(h16));
+#else
+  asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h16));
+#endif
+  return f;
+}
+__device__ __forceinline__ u16 to_out(float f) {
+  u16 h;
+#if BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+// d (+)= A (16 x 16, 4 regs) * B (16 x 8, 2 regs), fp32 accumulators.
+__device__ __forceinline__ void mma(float* d, const u32* a, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma0(float* d, const u32* a, u32 b0, u32 b1) {  // d = A * B
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_T "." MMA_T ".f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+
+#if !DEQUANT
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+// Asynchronous 16-byte global -> shared copy, issued only when `issue` (predicated in the asm:
+// no branch); `live` false copies nothing and zero-fills. No registers are held while in flight,
+// and ptxas keeps copies in program order (register loads it would sink next to their first use).
+__device__ __forceinline__ void cp16(u32 dst, const void* src, bool issue, bool live) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
+               " @p cp.async.cg.shared.global [%0], [%1], 16, %3;\n}\n"
+               :: "r"(dst), "l"(src), "r"((int)issue), "r"(live ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N_>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N_)); }
+
+// One warp's pipeline stage, per 16-row tile: the step's KC x 4 chunks of each row, stored as
+// w[kc][row][t] so that compute lane (g, t) reads rows g and g + 8 of chunk 4kc + t from 512
+// contiguous bytes (no bank conflicts); the 16 scales and zero points of the tile for the group
+// of each chunk.
+struct __align__(16) Stage {
+  V4 w[NT][KC][16][4];
+  u16 s[NT][KC][4][16];
+  u8 z[NT][KC][4][16];
+};
+#define STEP_COLS (128 * KC)
+
+// y[M, N] = x[M, K] @ W[N, K]^T (+ bias), 1 <= M <= 16, as D^T = W x^T on the tensor cores:
+// A = 16 weight rows (lane (g, t) = (lane / 4, lane % 4) dequantizes rows g and g + 8 of a tile),
+// B = 8 activation rows (lane (g, t) loads row g; rows g + 8 too when MROWS2). In step i a lane
+// computes with chunks 4 KC i + 4 kc + t (32 consecutive columns each); its column pairs are the
+// logical k (2t, 2t + 1) and (2t + 8, 2t + 9) of 8 products per chunk: any fixed assignment of
+// columns to logical k works since the products sum over K, as long as A and B follow the same
+// one (they do: both by t). Copies use another lane mapping than compute: each copy instruction
+// moves 32 / (4 KC) rows x 64 KC contiguous bytes, so KC = 2 reads whole 128-byte lines.
+// w: int32 [N, KP / 8] (layout.pack_chunked, KP a multiple of 128 KC); sc: [G, N] scales in the
+// activation dtype; zp: [G, N] uint8 (unused when SYMMETRIC); N % 16 == 0; ldx, ldo: row strides
+// in elements.
+extern "C" __global__ void __launch_bounds__(KW * 32)
+w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ sc,
+          const u8* __restrict__ zp, const float* __restrict__ bias, u16* __restrict__ out,
+          int M, int N, int K, int KP, int ldx, int ldo) {
+  __shared__ Stage stages[KW][STAGES];
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wk = threadIdx.x >> 5;
+  const int n0 = blockIdx.x * (16 * NT);
+  const int nsteps = KP / STEP_COLS;
+  const int per = (nsteps + KW - 1) / KW;
+  const int sb = wk * per;
+  const int se = min(nsteps, sb + per);
+  const int gmax = ((K - 1) / CHUNK_COLS) / GCH;
+  Stage* st = stages[wk];
+  int tile[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) tile[nt] = min(n0 + nt * 16, N - 16);  // past N: repeat the last
+  // Copy lane mapping: copy u of this lane moves chunk j of tile row rr (f = lane + 32u over the
+  // 16 x 4KC chunks of a tile, row-major), into w[j / 4][rr][j % 4].
+  constexpr int CPR = 4 * KC;          // chunks per row and step
+  constexpr int NCP = 16 * CPR / 32;   // copies per lane, tile and step (2 KC)
+  const u32* wsrc[NT][NCP];
+  u32 wdst[NCP];
+  int wj[NCP];
+#pragma unroll
+  for (int u = 0; u < NCP; ++u) {
+    const int f = lane + 32 * u, rr = f / CPR, j = f % CPR;
+    wj[u] = j;
+    wdst[u] = smem_addr(&st[0].w[0][j >> 2][rr][j & 3]);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) wsrc[nt][u] = w + (size_t)(tile[nt] + rr) * (KP >> 3) + 4 * j;
+  }
+  // Scales: lanes 0 .. 8 KC - 1 copy 8 of a (kc, t) group's 16; zero points: lanes 16 .. 16 + 4 KC - 1.
+  const int s_kc = lane >> 3, s_t = (lane >> 1) & 3, s_half = lane & 1;
+  const int z_kc = (lane - 16) >> 2, z_t = (lane - 16) & 3;
+  const bool s_on = lane < 8 * KC, z_on = lane >= 16 && lane < 16 + 4 * KC;
+  const u32 s_dst = smem_addr(&st[0].s[0][s_on ? s_kc : 0][s_t][8 * s_half]);
+  const u32 z_dst = smem_addr(&st[0].z[0][z_on ? z_kc : 0][z_on ? z_t : 0][0]);
+  constexpr u32 W_NT = KC * 16 * 4 * 16, S_NT = KC * 4 * 16 * 2, Z_NT = KC * 4 * 16;  // bytes per tile
+  (void)Z_NT;
+  // Copies of step i into stage i % STAGES (one commit group per step, empty past the slice so
+  // that the wait count stays exact). Chunks past K are not read (zero-filled).
+  auto issue = [&](int i) {
+    const bool live = i < se;
+    const u32 off = (u32)(i & (STAGES - 1)) * (u32)sizeof(Stage);
+    const int ic = min(i, nsteps - 1);  // addresses stay valid when nothing is copied
+    const int sg = min((CPR * ic + 4 * s_kc + s_t) / GCH, gmax);
+    const int zg = min((CPR * ic + (z_on ? 4 * z_kc + z_t : 0)) / GCH, gmax);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int u = 0; u < NCP; ++u)
+        cp16(wdst[u] + off + nt * W_NT, wsrc[nt][u] + 4 * CPR * ic, true,
+             live && CHUNK_COLS * (CPR * ic + wj[u]) < K);
+      cp16(s_dst + off + nt * S_NT, sc + (size_t)sg * N + tile[nt] + 8 * s_half, s_on, live);
+#if !SYMMETRIC
+      cp16(z_dst + off + nt * Z_NT, zp + (size_t)zg * N + tile[nt], z_on, live);
+#endif
+    }
+    cp_commit();
+  };
+  const bool a_ok = g < M;
+  const u32* xa = x + (size_t)(a_ok ? g : 0) * (ldx >> 1);
+#if MROWS2
+  const bool b_ok = g + 8 < M;
+  const u32* xb = x + (size_t)(b_ok ? g + 8 : 0) * (ldx >> 1);
+#endif
+  // Activations of step i for this lane: rows g (and g + 8) of chunks CPR i + 4 kc + t.
+  auto load_x = [&](int i, V4 (*va)[4], V4 (*vb)[4]) {
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+      const int c = CPR * i + 4 * kc + t;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const bool in_k = i < se && CHUNK_COLS * c + 8 * q < K;
+        va[kc][q] = ld_x_if(xa + 16 * c + 4 * q, a_ok && in_k);
+#if MROWS2
+        vb[kc][q] = ld_x_if(xb + 16 * c + 4 * q, b_ok && in_k);
+#endif
+      }
+    }
+  };
+  constexpr int MH = MROWS2 ? 2 : 1;  // halves of the activation rows (8 each)
+  // acc[nt][mh]: (row g, x rows 2t, 2t + 1), (row g + 8, x rows 2t, 2t + 1) of tile nt, half mh.
+  float acc[NT][MH][4];
+#if !SCALE_AFTER
+  float acc2[NT][MH][4];  // columns 8q + 4..7: a second chain of dependent mma
+#endif
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mh = 0; mh < MH; ++mh)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[nt][mh][e] = 0.f;
+#if !SCALE_AFTER
+        acc2[nt][mh][e] = 0.f;
+#endif
+      }
+
+#pragma unroll
+  for (int j = 0; j < STAGES - 1; ++j) issue(sb + j);
+  V4 va[KC][4], vb[KC][4];
+  load_x(sb, va, vb);
+  for (int i = sb; i < se; ++i) {
+    cp_wait<STAGES - 2>();  // this lane's copies of step i have landed
+    __syncwarp();           // ... and the other lanes', and all lanes are done with step i - 1
+    issue(i + STAGES - 1);  // into the stage step i - 1 used
+    V4 na[KC][4], nb[KC][4];
+    load_x(i + 1, na, nb);
+    const Stage& S = st[i & (STAGES - 1)];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) {
+        const V4 w0 = S.w[nt][kc][g][t], w1 = S.w[nt][kc][g + 8][t];
+        const u32 s0 = S.s[nt][kc][t][g], s1 = S.s[nt][kc][t][g + 8];
+#if SYMMETRIC
+        const u32 z0 = 8u, z1 = 8u;
+#else
+        const u32 z0 = S.z[nt][kc][t][g], z1 = S.z[nt][kc][t][g + 8];
+#endif
+        const u32 zz0 = zero_pair(z0), zz1 = zero_pair(z1);
+        const u32 zy0 = zero_pair16(z0), zy1 = zero_pair16(z1);
+        (void)zy0; (void)zy1;
+#if SCALE_AFTER
+        float part[MH][2][4];  // this chunk's products, scaled once below (one group per 128 columns)
+#endif
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          u32 h0[4], h1[4];
+          unpack4(word(w0, q), zz0, zy0, h0);
+          unpack4(word(w1, q), zz1, zy1, h1);
+#if !SCALE_AFTER
+          const u32 ss0 = s0 | (s0 << 16), ss1 = s1 | (s1 << 16);
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            h0[p] = scale_pair(h0[p], ss0);
+            h1[p] = scale_pair(h1[p], ss1);
+          }
+#endif
+          // A rows g / g + 8: logical k (2t, 2t+1) <- pair 0 (columns 8q, 8q+1), (2t+8, 2t+9) <- pair 1;
+          // the second product takes pairs 2 and 3. B: the same columns of the activations.
+          const u32 a01[4] = {h0[0], h1[0], h0[1], h1[1]};
+          const u32 a23[4] = {h0[2], h1[2], h0[3], h1[3]};
+#pragma unroll
+          for (int mh = 0; mh < MH; ++mh) {
+            const V4& xv = mh ? vb[kc][q] : va[kc][q];
+#if SCALE_AFTER
+            if (q == 0) {
+              mma0(part[mh][0], a01, xv.a, xv.b);
+              mma0(part[mh][1], a23, xv.c, xv.d);
+            } else {
+              mma(part[mh][0], a01, xv.a, xv.b);
+              mma(part[mh][1], a23, xv.c, xv.d);
+            }
+#else
+            mma(acc[nt][mh], a01, xv.a, xv.b);
+            mma(acc2[nt][mh], a23, xv.c, xv.d);
+#endif
+          }
+        }
+#if SCALE_AFTER
+        const float f0 = to_float(s0), f1 = to_float(s1);
+#pragma unroll
+        for (int mh = 0; mh < MH; ++mh) {
+          acc[nt][mh][0] += (part[mh][0][0] + part[mh][1][0]) * f0;
+          acc[nt][mh][1] += (part[mh][0][1] + part[mh][1][1]) * f0;
+          acc[nt][mh][2] += (part[mh][0][2] + part[mh][1][2]) * f1;
+          acc[nt][mh][3] += (part[mh][0][3] + part[mh][1][3]) * f1;
+        }
+#endif
+      }
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        va[kc][q] = na[kc][q];
+#if MROWS2
+        vb[kc][q] = nb[kc][q];
+#endif
+      }
+  }
+#if !SCALE_AFTER
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mh = 0; mh < MH; ++mh)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][mh][e] += acc2[nt][mh][e];
+#endif
+  cp_wait<0>();  // no copy may still be writing when the block exits or the stages are reused
+#if KW > 1
+  // Partial sums of warps 1.. meet warp 0's in the (now idle) pipeline stages.
+  typedef float Red[NT * MH * 4][32];
+  Red* red = reinterpret_cast<Red*>(&stages[0][0]);
+  static_assert(sizeof(Red) * (KW - 1) <= sizeof(stages), "reduction buffer larger than the stages");
+  __syncthreads();  // every warp is done reading its stages
+  if (wk > 0) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int mh = 0; mh < MH; ++mh)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[wk - 1][(nt * MH + mh) * 4 + e][lane] = acc[nt][mh][e];
+  }
+  __syncthreads();
+  if (wk != 0) return;
+#pragma unroll
+  for (int j = 0; j < KW - 1; ++j)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int mh = 0; mh < MH; ++mh)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][mh][e] += red[j][(nt * MH + mh) * 4 + e][lane];
+#endif
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int n = n0 + nt * 16 + g;
+    if (n0 + nt * 16 >= N) continue;  // N % 16 == 0: rows n and n + 8 exist
+    float b0 = 0.f, b1 = 0.f;
+#if HAS_BIAS
+    b0 = bias[n];
+    b1 = bias[n + 8];
+#endif
+#pragma unroll
+    for (int mh = 0; mh < MH; ++mh) {
+      const int m = 8 * mh + 2 * t;
+      if (m < M) {
+        out[(size_t)m * ldo + n] = to_out(acc[nt][mh][0] + b0);
+        out[(size_t)m * ldo + n + 8] = to_out(acc[nt][mh][2] + b1);
+      }
+      if (m + 1 < M) {
+        out[(size_t)(m + 1) * ldo + n] = to_out(acc[nt][mh][1] + b0);
+        out[(size_t)(m + 1) * ldo + n + 8] = to_out(acc[nt][mh][3] + b1);
+      }
+    }
+  }
+}
+
+#else
+// W [N, K] in the activation dtype (columns in group order), one 32-column chunk per thread;
+// grid (N, chunks / blockDim.x rounded up).
+extern "C" __global__ void w4a16_dequant(const u32* __restrict__ w, const u16* __restrict__ sc,
+                                         const u8* __restrict__ zp, u32* __restrict__ out,
+                                         int N, int K, int KP) {
+  const int n = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+  if (CHUNK_COLS * c >= K) return;
+  const V4 v = *reinterpret_cast<const V4*>(w + (size_t)n * (KP >> 3) + 4 * c);
+  const int g = c / GCH;
+  const u32 s16 = sc[(size_t)g * N + n];
+  const u32 ss = s16 | (s16 << 16);
+#if SYMMETRIC
+  const u32 z = 8u;
+#else
+  const u32 z = zp[(size_t)g * N + n];
+#endif
+  const u32 zz = zero_pair(z), zy = zero_pair16(z);
+  (void)zy;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int col = CHUNK_COLS * c + 8 * q;
+    if (col < K) {
+      u32 h[4];
+      unpack4(word(v, q), zz, zy, h);
+      V4 o;
+      o.a = scale_pair(h[0], ss);
+      o.b = scale_pair(h[1], ss);
+      o.c = scale_pair(h[2], ss);
+      o.d = scale_pair(h[3], ss);
+      *reinterpret_cast<V4*>(out + ((size_t)n * K + col) / 2) = o;
+    }
+  }
+}
+#endif
+"""
+
+_GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH is always 0
+
+
+STAGE_BYTES = 1024 + 128 + 64  # per 16-row tile, 128 columns and stage: codes, scales, zeros
+SMEM_LIMIT = 48 * 1024  # static shared memory per block
+
+
+@dataclass(frozen=True)
+class CudaConfig:
+    """nt: 16-row mma tiles per warp; kw: warps per block, each a slice of K; stages: depth of each
+    warp's copy pipeline (a power of two; steps in flight: stages - 1); kc: 128-column halves per
+    step (kc = 2: each copy instruction reads whole 128-byte lines of 4 rows)."""
+
+    nt: int
+    kw: int
+    stages: int
+    kc: int = 1
+
+    def smem_bytes(self) -> int:
+        return self.kw * self.stages * self.nt * self.kc * STAGE_BYTES  # the reduction reuses it
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kernel": "cuda", **self.__dict__}
+
+
+def unsupported_reason(group: int, n_groups: int, k: int, n: int, device: torch.device | str) -> str | None:
+    """Why this kernel cannot run a layer (None when it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)"
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "layer is not on a CUDA device"
+    if torch.cuda.get_device_capability(dev) < (8, 0):
+        return "needs compute capability >= 8.0 (mma.m16n8k16 with bf16)"
+    if n_groups > 1 and group % CHUNK:
+        return f"group size {group} is not a multiple of {CHUNK}"
+    if k % 8:
+        return f"in_features {k} is not a multiple of 8 (16-byte activation loads)"
+    if n % 16:
+        return f"out_features {n} is not a multiple of 16 (16-row tiles, 16-byte scale copies)"
+    return compile_error(dev)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_error_cached(device_index: int) -> str | None:
+    try:
+        _kernel("w4a16_mma", device_index, _defines(CudaConfig(1, 1, 2), False, 1, False, False, False))
+    except Exception as e:  # no NVRTC, no CUDA headers, a driver that rejects the code...
+        return f"NVRTC compile failed ({type(e).__name__}: {str(e)[:300]})"
+    return None
+
+
+def compile_error(device: torch.device | str) -> str | None:
+    """None when a test kernel compiles and loads on this device (checked once per process)."""
+    dev = torch.device(device)
+    return _compile_error_cached(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def _defines(cfg: CudaConfig, bf16: bool, gch: int, symmetric: bool, has_bias: bool, mrows2: bool,
+             dequant: bool = False) -> tuple[tuple[str, int], ...]:
+    return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("BF16", int(bf16)), ("GCH", gch),
+            ("SYMMETRIC", int(symmetric)), ("HAS_BIAS", int(has_bias)), ("MROWS2", int(mrows2)),
+            ("CHUNK_COLS", CHUNK), ("DEQUANT", int(dequant)),
+            ("SCALE_AFTER", int(gch % 4 == 0)))  # one group per 128-column step: scale the fp32 sums
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, device_index: int, defines: tuple[tuple[str, int], ...]) -> Any:
+    """Compile (NVRTC) and load one specialization; cached per process and device."""
+    src = "".join(f"#define {k} {v}\n" for k, v in defines) + _SOURCE
+    with torch.cuda.device(device_index):
+        return torch.cuda._compile_kernel(src, name)
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+        ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    lib.cuLaunchKernel.restype = ctypes.c_int
+    return lib
+
+
+def _launch_raw(kernel: Any, grid: int | tuple[int, int], block: int, args: list[Any],
+                device: torch.device) -> None:
+    """cuLaunchKernel on the current stream (captured by CUDA graphs like any launch)."""
+    gx, gy = (grid, 1) if isinstance(grid, int) else grid
+    holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+               else ctypes.c_void_p(None) if a is None else ctypes.c_int(a) for a in args]
+    params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    res = _libcuda().cuLaunchKernel(kernel.func, gx, gy, 1, block, 1, 1, 0, stream, params, None)
+    if res != 0:
+        raise RuntimeError(f"cuLaunchKernel failed with CUresult {res}")
+
+
+def _gch(wt: Any) -> int:
+    return _GCH_PER_CHANNEL if wt.n_groups == 1 else wt.group // CHUNK
+
+
+def default_config(m: int, n: int, sm_count: int = 132) -> CudaConfig:
+    """Config when none was tuned, fit to the H100 sweep (docs/kernels.md; it picks the measured best
+    on the five benchmark shapes at M = 1, 4 and 16): up to 8 rows of x, one 16-row tile per warp
+    and 256-column steps; more rows, two tiles and 128-column steps; 2, 4 or 8 warps per block (each
+    a slice of K), whichever brings the grid nearest 12 (8 when M > 8) warps per multiprocessor."""
+    nt, kc, per_sm = (2, 1, 8) if m > 8 else (1, 2, 12)
+    blocks = -(-n // (16 * nt))
+    kw = min((2, 4, 8), key=lambda k: abs(math.log(blocks * k / (per_sm * sm_count))))
+    return CudaConfig(nt=nt, kw=kw, stages=2, kc=kc)
+
+
+def candidate_configs(m: int, n: int) -> list[CudaConfig]:
+    """The configs ``tune`` times (all within the static shared-memory limit)."""
+    cfgs = [CudaConfig(nt, kw, st, kc) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8) for st in (2, 4)]
+    return [c for c in cfgs if c.smem_bytes() <= SMEM_LIMIT]
+
+
+def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x2d @ W.T (+ bias) for 1..16 rows of fp16/bf16 activations; ``wt`` a W4A16Weight with
+    ``kernel == "cuda"``. ``out`` ([M, N], x's dtype, row-contiguous) receives the result."""
+    m, k = x2d.shape
+    if not 1 <= m <= 16:
+        raise ValueError(f"the CUDA W4A16 kernel takes 1..16 rows, got {m}")
+    if x2d.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"activations must be fp16 or bf16, got {x2d.dtype}")
+    if wt.perm is not None:  # act-order: one gather launch (the Triton kernel fuses it)
+        x2d = x2d.index_select(1, wt.perm)
+    elif x2d.stride(1) != 1 or (m > 1 and x2d.stride(0) % 8) or x2d.data_ptr() % 16:
+        x2d = x2d.clone(memory_format=torch.contiguous_format)  # 16-byte aligned rows
+    n = wt.out_features
+    if out is None:
+        out = torch.empty(m, n, device=x2d.device, dtype=x2d.dtype)
+    elif out.shape != (m, n) or out.dtype != x2d.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}] {x2d.dtype} with unit column stride")
+    scales = wt.scales_for(x2d.dtype)
+    kern = _kernel("w4a16_mma", x2d.device.index, _defines(
+        cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8))
+    kp = wt.words.shape[1] * 8
+    if kp % (128 * cfg.kc):
+        raise ValueError(f"packed K {kp} is not a multiple of {128 * cfg.kc}")
+    _launch_raw(kern, -(-n // (16 * cfg.nt)), 32 * cfg.kw,
+                [x2d, wt.words, scales, wt.zeros, wt.bias, out, m, n, k, kp, x2d.stride(0), out.stride(0)],
+                x2d.device)
+    return out
+
+
+def dequantize(wt: Any, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in ``dtype`` (fp16/bf16) with columns in group order."""
+    n, k = wt.out_features, wt.in_features
+    out = torch.empty(n, k, device=wt.words.device, dtype=dtype)
+    scales = wt.scales_for(dtype)
+    kp = wt.words.shape[1] * 8
+    kern = _kernel("w4a16_dequant", wt.words.device.index, _defines(
+        CudaConfig(1, 1, 2), dtype == torch.bfloat16, _gch(wt), wt.zeros is None, False, False, dequant=True))
+    threads = 128
+    _launch_raw(kern, (n, -(-k // (CHUNK * threads))), threads, [wt.words, scales, wt.zeros, out, n, k, kp],
+                wt.words.device)
+    return out
