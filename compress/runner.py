@@ -89,11 +89,15 @@ def compression_settings(model: Any, recipe: Recipe) -> dict[str, Any]:
     return comp
 
 
-def roofline_for(model: Any, recipe: Recipe) -> dict[str, Any]:
-    """Roofline estimate of the compressed model's shapes and formats, with the original as baseline."""
+def roofline_for(model: Any, recipe: Recipe, original_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Roofline estimate of the compressed model's shapes and formats, with the original as baseline.
+
+    ``original_config``: the model's config dict before the passes. Structural passes shrink
+    ``model.config`` in place, so without it the baseline would be the pruned shape, uncompressed."""
     from compress.eval.roofline import estimate
 
-    res = estimate(model.config, recipe.eval.roofline, compression_settings(model, recipe) or None)
+    res = estimate(model.config, recipe.eval.roofline, compression_settings(model, recipe) or None,
+                   baseline_config=original_config)
     return res.to_dict(per_op=False)
 
 
@@ -120,6 +124,8 @@ def run(recipe: Recipe, keep_model: bool = False, resume: bool = False) -> RunRe
     adapter = get_adapter(model)
     ppl_spec = recipe.eval.perplexity
     passes = [get_pass_class(e.name)(e.config) for e in recipe.passes]
+    # the roofline's baseline: structural passes change model.config in place (to_dict deep-copies)
+    original_config = model.config.to_dict()
     preflight_warnings = [w for p in passes if hasattr(p, "preflight")
                           for w in p.preflight(model, adapter, recipe.save.format)]
     report: dict[str, Any] = {
@@ -170,7 +176,7 @@ def run(recipe: Recipe, keep_model: bool = False, resume: bool = False) -> RunRe
     if tasks_spec is not None:
         report["eval"]["tasks"]["compressed"] = _tasks(model, tok, tasks_spec)
     if recipe.eval.roofline is not None:
-        report["eval"]["roofline"] = roofline_for(model, recipe)
+        report["eval"]["roofline"] = roofline_for(model, recipe, original_config)
 
     from compress.formats.io import quantized_layers
 

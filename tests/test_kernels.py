@@ -230,6 +230,45 @@ def test_accelerate_falls_back_for_an_unsupported_layer(caplog):
     assert rel_err(model(x), reference(model[0], x)) < 1e-5
 
 
+def test_accelerate_gpu_path_names_the_kernel_and_releases_the_codes(monkeypatch):
+    """The install step of the GPU path, on the CPU: packing is stood in for by the real layouts of
+    the two kernels (what ``triton_w4a16.repack`` chooses between), so the dispatcher's naming and the
+    released codes' exact restore are checked without CUDA."""
+    from types import SimpleNamespace
+
+    from compress.kernels import dispatch
+
+    def fake_backend(mod, large_m, width):
+        kernel = "cuda" if mod.out_features == 48 else "triton"
+        order = layout.contiguous_group_order(mod.g_idx, mod.n_groups)
+        codes = layout.ordered_codes(mod.qweight, order)
+        words, w = (layout.pack_chunked(codes), 1) if kernel == "cuda" else (layout.pack_planar(codes, 16), 16)
+        packed = SimpleNamespace(
+            kernel=kernel, restore_codes=lambda: layout.restore_codes(words, mod.in_features, w, order.perm))
+
+        def forward(x):
+            raise AssertionError("not called in this test")
+        forward.packed = packed
+        return forward
+
+    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
+    monkeypatch.setattr(dispatch, "_choose", lambda mod, *a: ("triton", "GPU W4A16"))
+    monkeypatch.setattr(dispatch, "_triton_backend", fake_backend)
+    model = nn.Sequential(make_layer(48, 256, 32, False, True, True, seed=7),  # act-order: codes permuted
+                          make_layer(40, 48, 16, True, False, False, seed=8))
+    codes = [m.qweight.clone() for m in model]
+    x = torch.randn(3, 256)
+    ref = reference(model[1], reference(model[0], x).float())
+    report = accelerate(model, backend="triton")
+    assert report.layers == {"0": "cuda", "1": "triton"}
+    assert "CUDA kernel" in report.reasons["0"] and "Triton kernel" in report.reasons["1"]
+    assert all("qweight" not in dict(m.named_buffers()) for m in model)  # the uint8 copies are freed
+    for m in model:
+        m.set_backend(None)  # the dequantize forward reads qweight: restored exactly from the words
+    assert rel_err(model(x), ref) < 1e-6
+    assert all(torch.equal(m.qweight, c) for m, c in zip(model, codes))
+
+
 def test_accelerate_rejects_unknown_backend():
     with pytest.raises(ConfigError, match="auto"):
         accelerate(nn.Sequential(), backend="cuda-magic")
@@ -465,9 +504,10 @@ def test_accelerate_on_cuda_installs_triton_and_matches_dequant():
         report = accelerate(model)
         fast = model(ids).logits
         one = model(ids[:1, :1]).logits  # decode-shaped call (M = 1)
-    assert report.counts() == {"triton": 14}
+    assert report.counts() == {"cuda": 14}  # the CUDA kernel where it can run, reported by its name
     from compress.kernels.dispatch import packed_weights
-    assert {w.kernel for w in packed_weights(model).values()} == {"cuda"}  # the CUDA kernel where it can run
+    assert {w.kernel for w in packed_weights(model).values()} == {"cuda"}
+    assert not any("qweight" in dict(m.named_buffers()) for m in model.modules() if isinstance(m, QuantizedLinear))
     assert rel_err(fast, ref) < 1e-2
     assert bool(torch.isfinite(one).all())
 

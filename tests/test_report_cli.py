@@ -206,3 +206,28 @@ def test_unknown_architecture_is_a_note_not_a_failure(tmp_path):
     (run_dir / "report.json").write_text(json.dumps(rep))
     row = summarize_runs(tmp_path)["runs"][0]
     assert row["speedup"] is None and "no_such_arch" in row["notes"][0]
+
+
+def test_structural_run_speedup_is_against_the_original(tmp_path, tiny_llama_dir):
+    """width_prune shrinks model.config in place; the report's roofline baseline must still be the
+    original shape, and ``compress report`` takes that value (old reports: baseline estimated again)."""
+    roof = {"device": "h100", "prompt": 64, "generate": 8}
+    out = tmp_path / "runs" / "width"
+    rep = run(recipe_from_dict({"model": str(tiny_llama_dir), "output": str(out), "save": {"format": "dense"},
+                                "passes": [{"width_prune": {"mlp_ratio": 0.5}}], "eval": {"roofline": roof}})).report
+    rf = rep["eval"]["roofline"]
+    original = estimate(tiny_llama_dir, roof)
+    assert rf["baseline"]["params"] == original.params
+    assert rf["params"] < original.params
+    assert rf["baseline"]["decode_ms_per_token"] == pytest.approx(original.decode_ms_per_token, rel=1e-12)
+    assert rf["speedup_decode"] > 1.0
+    row = summarize_runs(tmp_path / "runs")["runs"][0]
+    assert row["speedup_source"] == "report" and row["speedup"] == rf["speedup_decode"]
+    # a report written before the fix: no baseline params (and its speedup, if any, against the pruned shape)
+    old = json.loads((out / "report.json").read_text())
+    old["eval"]["roofline"]["speedup_decode"] = 1.0
+    del old["eval"]["roofline"]["baseline"]["params"]
+    (out / "report.json").write_text(json.dumps(old))
+    row = summarize_runs(tmp_path / "runs")["runs"][0]
+    assert row["speedup_source"] == "report, baseline estimated"
+    assert row["speedup"] == pytest.approx(rf["speedup_decode"], rel=1e-12)

@@ -290,6 +290,27 @@ def test_per_layer_shapes_from_a_structurally_pruned_config():
     assert sum(_rows(r.decode)[n].weight_bytes for n in LINEAR_NAMES[:-1]) == 2 * (LINEAR_PARAMS_PER_LAYER + second)
 
 
+def test_baseline_config_is_the_original_shape_uncompressed():
+    pruned = {**TINY, "intermediate_size": 64}
+    spec = {"device": "h100", "prompt": 16, "generate": 4}
+    orig = estimate(TINY, spec)
+    # shape changed, nothing compressed: still a baseline, and it is the original model
+    r = estimate(pruned, spec, baseline_config=TINY)
+    assert r.baseline is not None and r.baseline.params == orig.params == count_params(model_shape(TINY))
+    assert r.params == orig.params - L * 3 * H * (I - 64)
+    d = r.to_dict(per_op=False)
+    assert d["baseline"]["params"] == orig.params
+    assert d["speedup_decode"] == pytest.approx(orig.decode_ms_per_token / r.decode_ms_per_token, rel=1e-12)
+    assert d["speedup_decode"] > 1.0
+    # compressed and pruned: the speedup is against the original, above quantization's alone
+    w4 = {"weight_bits": 4, "group_size": 32}
+    both = estimate(pruned, spec, w4, baseline_config=TINY).to_dict(per_op=False)
+    assert both["baseline"]["decode_ms_per_token"] == pytest.approx(orig.decode_ms_per_token, rel=1e-12)
+    assert both["speedup_decode"] > estimate(pruned, spec, w4).to_dict(per_op=False)["speedup_decode"]
+    # same shape (another name), nothing compressed: no baseline, as without baseline_config
+    assert estimate(TINY, spec, baseline_config={**TINY, "_name_or_path": "copy"}).baseline is None
+
+
 def test_per_layer_lists_must_match_the_layer_count():
     with pytest.raises(ConfigError, match="intermediate_size"):
         model_shape({**TINY, "intermediate_size": [128, 64, 32]})
@@ -403,6 +424,27 @@ def test_cli_json_contract(tmp_path, capsys):
     assert d["speedup_decode"] > 1.0 and d["prompt"] == 64
     rc, out = _cli([str(tmp_path / "config.json"), "--json"], capsys)
     assert "speedup_decode" not in json.loads(out)
+
+
+def test_cli_implementation_execution_and_cache_flags(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    base = [str(tmp_path), "--device", "h100", "--prompt", "32", "--generate", "4", "--json"]
+    default = json.loads(_cli(base, capsys)[1])
+    assert (default["implementation"], default["execution"]) == ("transformers", "graph")
+    fused = json.loads(_cli(base + ["--implementation", "fused"], capsys)[1])
+    assert fused["implementation"] == "fused"
+    assert fused["kernels"]["decode_per_token"] < default["kernels"]["decode_per_token"]
+    eager = json.loads(_cli(base + ["--execution", "eager"], capsys)[1])
+    assert eager["execution"] == "eager" and eager["host_ms"]["decode_per_token"] > 0
+    assert default["host_ms"]["decode_per_token"] == 0
+    # a static cache of 4096 slots: transformers' decode attends to all of them
+    big = json.loads(_cli(base + ["--max-cache-len", "4096", "--per-op"], capsys)[1])
+    small = json.loads(_cli(base + ["--per-op"], capsys)[1])
+    att = {d["name"]: d for d in big["decode_ops"]}, {d["name"]: d for d in small["decode_ops"]}
+    name = next(n for n in att[0] if "attention" in n)
+    assert att[0][name]["flops"] > 50 * att[1][name]["flops"]
+    with pytest.raises(ConfigError, match="max_cache_len"):
+        _cli(base + ["--max-cache-len", "0"], capsys)
 
 
 def test_cli_table_has_totals_and_per_op(capsys):

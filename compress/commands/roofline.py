@@ -26,6 +26,8 @@ examples:
   compress roofline llama-2-7b --device a100-80gb --weight-bits 4 --group-size 128 --json
   compress roofline ./my-model --device h100 --sparsity 2:4 --per-op
   compress roofline smollm2-135m --device this-machine --dtype float32 --kv-cache dynamic
+  compress roofline llama-2-7b --device h100 --implementation fused --no-overhead   # the bytes-only floor
+  compress roofline smollm2-135m --device h100 --execution eager --max-cache-len 4096
 """
 
 
@@ -48,7 +50,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--prefill-logits", default="all", choices=["all", "last"],
                    help="lm_head over every prompt token (plain forward) or only the last (default: all)")
     g.add_argument("--no-overhead", action="store_true",
-                   help="leave out the device's measured fixed per-forward/per-layer overhead")
+                   help="leave out the device's measured fixed costs (per kernel, per matrix product, per forward, "
+                        "per layer, per weight row)")
+    g.add_argument("--implementation", default="transformers", choices=["transformers", "fused"],
+                   help="transformers: the kernel counts and memory traffic of transformers' PyTorch modules "
+                        "(unfused RMSNorm, rotary, cache update, SiLU*mul); fused: one kernel per operator, each "
+                        "activation read and written once, the floor LLM-Viewer counts (default: transformers)")
+    g.add_argument("--execution", default="graph", choices=["graph", "eager"],
+                   help="graph: each forward replayed from a CUDA graph (or compiled), no host cost; eager: a "
+                        "forward takes at least the device's measured host time for Python and kernel launches "
+                        "(default: graph)")
+    g.add_argument("--max-cache-len", type=int, default=None, metavar="N",
+                   help="slots of the static KV cache (default: prompt + generate); transformers' decode "
+                        "attends to all N behind a mask, so a larger cache costs decode time")
     c = p.add_argument_group("compression (of the decoder's linear layers)")
     c.add_argument("--weight-bits", type=int, default=None, help="weight-only quantization bits (2-8)")
     c.add_argument("--group-size", type=int, default=128, help="columns per scale group, -1 per row (default: 128)")
@@ -99,7 +113,8 @@ def handler(args: argparse.Namespace) -> int:
         raise CompressError("roofline needs MODEL_OR_CONFIG (a built-in name, folder, config.json or hub id)")
     spec = {"device": args.device, "device_files": list(args.device_file), "prompt": args.prompt,
             "generate": args.generate, "batch": args.batch, "dtype": args.dtype, "kv_cache": args.kv_cache,
-            "prefill_logits": args.prefill_logits, "overhead": not args.no_overhead}
+            "prefill_logits": args.prefill_logits, "overhead": not args.no_overhead,
+            "implementation": args.implementation, "execution": args.execution, "max_cache_len": args.max_cache_len}
     res = estimate(args.model, spec, compression=_compression(args))
     if args.json:
         print(json.dumps(res.to_dict(per_op=args.per_op)))

@@ -31,7 +31,7 @@ See docs/roofline.md for the assumptions and the validation against measurements
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,8 +252,8 @@ class RooflineResult:
         }
         if self.baseline is not None:
             b = self.baseline
-            d["baseline"] = {"prefill_ms": b.prefill_ms, "decode_ms_per_token": b.decode_ms_per_token,
-                             "memory_gb": b.memory_gb}
+            d["baseline"] = {"model": b.model, "params": b.params, "prefill_ms": b.prefill_ms,
+                             "decode_ms_per_token": b.decode_ms_per_token, "memory_gb": b.memory_gb}
             d["speedup_decode"] = b.decode_ms_per_token / self.decode_ms_per_token
             d["speedup_prefill"] = b.prefill_ms / self.prefill_ms
             d["memory_ratio"] = self.memory_gb / b.memory_gb
@@ -415,19 +415,29 @@ def _validated(cls: type[_Strict], value: Any, what: str) -> Any:
 
 def estimate(config: str | Path | dict[str, Any] | Any,
              spec_or_kwargs: RooflineSpec | dict[str, Any] | None = None,
-             compression: CompressionSpec | dict[str, Any] | None = None) -> RooflineResult:
+             compression: CompressionSpec | dict[str, Any] | None = None,
+             baseline_config: str | Path | dict[str, Any] | Any | None = None) -> RooflineResult:
     """Estimate latency and memory of ``config`` (built-in name, model folder, config.json, dict, hub
     id or PretrainedConfig) for ``spec``; with ``compression``, also the uncompressed baseline and the
-    speedups. Raises ConfigError for bad settings and CompressError for unknown devices/models."""
+    speedups. ``baseline_config`` (same forms as ``config``): the baseline is that model, uncompressed,
+    e.g. the original of a structurally pruned ``config``; it is also estimated when no compression is
+    active but the shapes differ. Raises ConfigError for bad settings and CompressError for unknown
+    devices/models."""
     spec = _validated(RooflineSpec, spec_or_kwargs or {}, "roofline")
     comp = _validated(CompressionSpec, compression, "compression")
+    if comp is not None and not comp.active:
+        comp = None
     cfg, name = load_model_config(config)
     shape = model_shape(cfg, name)
+    base_shape, base_name = shape, name
+    if baseline_config is not None:
+        base_cfg, base_name = load_model_config(baseline_config)
+        base_shape = model_shape(base_cfg, base_name)
     device = load_device(spec.device, spec.device_files)
-    if comp is None or not comp.active:
-        return _estimate_one(shape, name, spec, device, None)
     res = _estimate_one(shape, name, spec, device, comp)
-    res.baseline = _estimate_one(shape, name, spec, device, None)
+    # the names may differ (a saved copy of the same model): compare the geometry only
+    if comp is not None or replace(base_shape, name=name) != shape:
+        res.baseline = _estimate_one(base_shape, base_name, spec, device, None)
     return res
 
 
@@ -490,6 +500,8 @@ def format_table(res: RooflineResult, per_op: bool = False) -> str:
                        f"{d['memory']['kv_cache_gb']:.3f}, activations {d['memory']['activations_gb']:.3f}; "
                        f"device {d['memory']['capacity_gb']:.0f})")]
     if res.baseline is not None:
+        if res.baseline.params != res.params:
+            rows.append(("baseline", f"{res.baseline.model} ({res.baseline.params / 1e9:.3f} B params)"))
         rows += [("baseline decode / prefill", f"{res.baseline.decode_ms_per_token:.3f} ms / "
                                                 f"{res.baseline.prefill_ms:.3f} ms"),
                  ("speedup decode / prefill", f"{d['speedup_decode']:.2f}x / {d['speedup_prefill']:.2f}x"),

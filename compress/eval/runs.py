@@ -7,8 +7,10 @@ report.json, except two that older or partial reports may lack:
   (or with ``recompute=True``) the roofline estimate for ``device`` with default task settings
   (prompt 1024, generate 128, batch 1, float16) from the saved config.json and the compression read
   from the checkpoint's quantization config and the recipe's pruning passes. The speedup is always
-  against the original model's shape (structural pruning shrinks the saved config, so its own dense
-  estimate would be the wrong baseline). The row says which source it used.
+  against the original model's shape. Reports whose roofline baseline records its ``params`` were
+  estimated against the original already; older reports of structural runs estimated it from the pruned
+  shape, so their baseline is estimated again here from the original config. The row says which source
+  it used.
 - parameters: the structural pass's ``params_after`` when one ran, else the report's model count.
 
 Runs are comparable only when measured alike: the most common perplexity setting (dataset, seqlen,
@@ -243,6 +245,12 @@ def roofline_key(spec: dict[str, Any]) -> str:
             f"b{spec.get('batch', 1)} {spec.get('dtype', 'float16')} kv:{spec.get('kv_cache', 'static')}")
 
 
+def baseline_is_original(roofline: dict[str, Any]) -> bool:
+    """Whether a report's roofline baseline is the original model: reports written since the runner
+    passes the pre-pass config record the baseline's ``params``; older ones used the compressed shape."""
+    return (roofline.get("baseline") or {}).get("params") is not None
+
+
 def estimate_speedup(report: dict[str, Any], run_dir: Path, device: str, recompute: bool = False
                      ) -> dict[str, Any]:
     """``{"speedup", "decode_ms", "source", "key", "note"}`` for one run (see the module docstring)."""
@@ -254,7 +262,7 @@ def estimate_speedup(report: dict[str, Any], run_dir: Path, device: str, recompu
     base_cfg = original_config(report, run_dir)
     if rf and spec_raw and not recompute:
         out.update(decode_ms=rf["decode_ms_per_token"], key=roofline_key(spec_raw))
-        if rf.get("speedup_decode") is not None and not _structural(report):
+        if rf.get("speedup_decode") is not None and (baseline_is_original(rf) or not _structural(report)):
             return {**out, "speedup": rf["speedup_decode"], "source": "report"}
         if base_cfg is None:
             return {**out, "note": "original config not found (model.source); speedup unknown"}

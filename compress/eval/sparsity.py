@@ -93,7 +93,7 @@ def _layer_reader(qcfg: dict[str, Any] | None):
     """(format name, rule, fn(prefix, tensors) -> bool zero mask [out, in], or None when not stored packed)."""
     from compress.formats import compressed_tensors as ct
     from compress.formats import gptq_v1
-    from compress.formats.io import _scheme_for
+    from compress.formats.io import scheme_for
 
     method = (qcfg or {}).get("quant_method")
     if method is None:
@@ -106,7 +106,7 @@ def _layer_reader(qcfg: dict[str, Any] | None):
         def read(prefix: str, t: Mapping) -> torch.Tensor | None:
             if f"{prefix}.weight_packed" not in t:
                 return None
-            return _zero_mask(ct.read_layer(prefix, t, _scheme_for(prefix, qcfg)))
+            return _zero_mask(ct.read_layer(prefix, t, scheme_for(prefix, qcfg)))
         return "compressed-tensors", "codes equal to the zero point (dequantize to 0)", read
     raise CompressError(f"cannot count sparsity of quantization method {method!r} (known: compressed-tensors, gptq)")
 

@@ -180,7 +180,7 @@ def load_quantized(path: str | Path, device: str = "cpu", dtype: torch.dtype | N
         used = (".qweight", ".qzeros", ".scales", ".g_idx", ".bias")
     else:
         prefixes = [k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")]
-        layers = {p: ct.read_layer(p, tensors, _scheme_for(p, qcfg)) for p in prefixes}
+        layers = {p: ct.read_layer(p, tensors, scheme_for(p, qcfg)) for p in prefixes}
         used = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point", ".bias")
     for p in prefixes:
         for s in used:
@@ -219,7 +219,9 @@ def _init_nonpersistent(model: nn.Module, config) -> None:
             set_submodule(model, name, fresh)
 
 
-def _scheme_for(prefix: str, qcfg: dict[str, Any]) -> dict[str, Any]:
+def scheme_for(prefix: str, qcfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``weights`` scheme of the compressed-tensors config group that targets layer ``prefix``
+    (by its name or by ``Linear``); CompressError when none does."""
     groups = list(qcfg["config_groups"].values())
     for g in groups:
         if prefix in g["targets"] or "Linear" in g["targets"]:

@@ -1,20 +1,31 @@
 """Install the fastest available forward on every ``QuantizedLinear`` of a model.
 
 ``accelerate(model, backend="auto")`` repacks each layer's buffers once for a kernel and installs it
-with ``QuantizedLinear.set_backend``. Paths:
+with ``QuantizedLinear.set_backend``. Paths, as the report names them:
 
-- ``triton``: the W4A16 Triton kernel (``triton_w4a16``), for layers on a CUDA device; fp16/bf16
-  activations (other dtypes run the dequantize fallback for that call).
+- ``cuda``: the W4A16 CUDA kernel (``cuda_w4a16``; 1..16 rows, dequantize + cuBLAS above), for
+  layers on a CUDA device that it can run (see ``triton_w4a16.repack``); fp16/bf16 activations.
+- ``triton``: the W4A16 Triton kernels (``triton_w4a16``), the other GPU layers; fp16/bf16
+  activations. On both GPU paths other activation dtypes run the dequantize fallback for that call.
 - ``cpu-int4``: torch's CPU int4 kernel (``cpu_int4``), for layers on the CPU; bf16 arithmetic.
 - ``dequant-fallback``: no kernel installed; the layer's own forward dequantizes its weight and
   calls ``F.linear`` (always correct, slow, no memory saved at run time).
 
-``auto`` picks triton on CUDA and cpu-int4 on CPU; a named backend that cannot serve a layer falls
-back for that layer. Every path that ran is logged as a WARNING naming it and the reason, and the
-returned ``AccelerationReport`` lists it per layer.
+``backend``: ``triton`` asks for the GPU W4A16 path (each layer then runs ``cuda`` or ``triton``),
+``cpu-int4`` for the CPU kernel, ``auto`` for whichever fits the layer's device, ``dequant`` for
+none. A named backend that cannot serve a layer falls back for that layer. Every path that ran is
+logged as a WARNING naming it and the reason, and the returned ``AccelerationReport`` lists it per
+layer.
+
+On the GPU paths the packed words hold the codes, so the layer's uint8 ``qweight`` (1 byte per
+weight) is released (``QuantizedLinear.release_codes``). Whatever reads ``qweight`` later gets it
+back, rebuilt exactly, on first access and keeps it: the dequantize forward (``set_backend(None)``,
+e.g. a reference check), ``dequantize()`` (``compress bench`` densifying for its baseline),
+checkpoint writers and ``state_dict()``, and another ``accelerate`` call.
 
 Note: the packed copies live in the installed closure, not in the module's buffers: call
-``accelerate`` after the model is on its final device, and again after moving it.
+``accelerate`` after the model is on its final device, and again after moving it (released codes do
+not move with ``.to()``; they are restored on the packed copy's device).
 """
 from __future__ import annotations
 
@@ -78,8 +89,8 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int) -> Callable[
         if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda:
             return tw.w4a16_matmul(x, wt)
         if not warned:
-            log.warning("triton W4A16 kernel got %s activations on %s; this layer runs the "
-                        "dequantize fallback for them", x.dtype, x.device)
+            log.warning("%s W4A16 kernel got %s activations on %s; this layer runs the "
+                        "dequantize fallback for them", wt.kernel, x.dtype, x.device)
             warned.append(True)
         w = tw.dequantize_packed(wt, x.dtype).to(x.device)
         return nn.functional.linear(x, w, None if wt.bias is None else wt.bias.to(x.dtype))
@@ -112,7 +123,7 @@ def _choose(mod: QuantizedLinear, backend: str, triton_ok: tuple[bool, str],
             return "dequant-fallback", "triton needs the layer on a CUDA device"
         if not triton_ok[0]:
             return "dequant-fallback", triton_ok[1]
-        return "triton", "W4A16 Triton kernel, fp16/bf16 activations"
+        return "triton", "GPU W4A16"  # renamed by the kernel the layer was packed for (_gpu_path)
     if on_cuda:
         return "dequant-fallback", "cpu-int4 needs the layer on the CPU"
     if not cpu_ok[0]:
@@ -120,18 +131,26 @@ def _choose(mod: QuantizedLinear, backend: str, triton_ok: tuple[bool, str],
     return "cpu-int4", "torch _weight_int4pack_mm_for_cpu, bf16 activations"
 
 
+def _gpu_path(kernel: str) -> tuple[str, str]:
+    """(path, reason) of a layer packed for ``W4A16Weight.kernel``."""
+    if kernel == "cuda":
+        return "cuda", "W4A16 CUDA kernel (cuda_w4a16) for 1-16 rows, dequantize + cuBLAS above; fp16/bf16 activations"
+    return "triton", "W4A16 Triton kernel (the CUDA kernel cannot run this layer), fp16/bf16 activations"
+
+
 def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant",
                plane_width: int = 16) -> AccelerationReport:
     """Repack every QuantizedLinear of ``model`` for the best available kernel and install it.
 
-    ``backend``: one of BACKENDS. ``large_m`` (triton only): path for more than 16 activation rows,
-    "triton" (the tensor-core kernel) or "dequant" (dequantize + cuBLAS per call).
-    ``plane_width`` (triton only): words per row and packed block, 16, 32 or 64 (docs/kernels.md).
+    ``backend``: one of BACKENDS. ``large_m`` (layers on the Triton path only; the CUDA path always
+    dequantizes): path for more than 16 activation rows, "triton" (the tensor-core kernel) or
+    "dequant" (dequantize + cuBLAS per call).
+    ``plane_width`` (Triton path only): words per row and packed block, 16, 32 or 64 (docs/kernels.md).
 
     Example::
 
-        report = accelerate(model)            # logs e.g. "224 layers on triton: ..."
-        report.counts()                       # {"triton": 224}
+        report = accelerate(model)            # logs e.g. "224 quantized layer(s) run cuda (...)"
+        report.counts()                       # {"cuda": 224}
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -150,7 +169,11 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
         path, reason = _choose(mod, backend, triton_ok, cpu_ok)
         try:
             if path == "triton":
-                mod.set_backend(_triton_backend(mod, large_m, plane_width))
+                fn = _triton_backend(mod, large_m, plane_width)
+                mod.set_backend(fn)
+                path, reason = _gpu_path(fn.packed.kernel)
+                # the packed words hold the codes: free the uint8 copy (see the module docstring)
+                mod.release_codes(fn.packed.restore_codes)
             elif path == "cpu-int4":
                 mod.set_backend(_cpu_backend(mod))
             else:

@@ -90,8 +90,10 @@ class QuantizedLinear(nn.Module):
         that still reads ``qweight`` gets them back on first access and keeps them: the dequantize
         forward (``set_backend(None)``), checkpoint writers, ``state_dict()``, re-running
         ``accelerate`` (e.g. after moving the model, which does not move released codes)."""
-        del self._buffers["qweight"]
-        self._restore_codes = restore
+        # a second release keeps the restore already held: the codes are gone either way
+        self._buffers.pop("qweight", None)
+        if self.__dict__.get("_restore_codes") is None:
+            self._restore_codes = restore
 
     def __getattr__(self, name: str) -> Any:
         if name == "qweight" and self.__dict__.get("_restore_codes") is not None:
