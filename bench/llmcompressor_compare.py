@@ -247,7 +247,7 @@ def main() -> None:
           f"windows; llmcompressor {llmcompressor.__version__}\n")
     print("| method | perplexity | achieved sparsity | compression s |\n|---|---:|---:|---:|")
     for k, r in rows.items():
-        sp = f"{r['achieved_sparsity']:.4f}" if "achieved_sparsity" in r else ""
+        sp = f"{r['achieved_sparsity']:.6f}" if "achieved_sparsity" in r else ""
         print(f"| {k} | {r['perplexity']:.3f} | {sp} | {r['compress_seconds']:.0f} |")
     for k, r in rows.items():
         if "nm_violating_groups" in r:
