@@ -3,10 +3,11 @@
 ``gpu``: a Llama-2-7B-shaped model with random fp16 weights (built from a LlamaConfig, no download).
 Times prefill and decode with a static KV cache, eagerly and with the decode step captured in a
 CUDA graph (``compress.kernels.gpu_timing``); then quantizes every decoder linear layer with
-``rtn_quantize`` (lm_head stays fp16), installs the GPU kernels via ``accelerate`` (the CUDA W4A16
-kernel where it can run, else Triton), tunes them for batch 1, checks the
-model's logits against the dequantize reference path, frees each layer's uint8 codes
-(``QuantizedLinear.release_codes``; memory before and after is reported) and times it again.
+``rtn_quantize`` (lm_head stays fp16), and for each ``--variants`` entry installs the GPU kernels via
+``accelerate`` with those options (``fused_pdl``: q/k/v and gate/up stacked into one launch each,
+programmatic dependent launch, the default; ``pdl``: one launch per layer with PDL; ``plain``: one
+plain launch per layer), tunes them for batch 1, checks the model's logits against the dequantize
+reference path, reports GPU memory after the uint8 codes are released, and times it again.
 
 ``cpu``: a local model folder (default: the prepared SmolLM2-135M) in float32 vs the same model with
 RTN INT4 layers on torch's CPU int4 kernel; eager timing with ``compress.eval.latency``.
@@ -69,51 +70,69 @@ def logits_check(model: nn.Module, vocab: int) -> float:
     return float((fast - ref).norm() / ref.norm())
 
 
+VARIANTS = {  # name -> accelerate() options
+    "fused_pdl": dict(fuse=True, pdl=True),  # the default of accelerate
+    "pdl": dict(fuse=False, pdl=True),
+    "plain": dict(fuse=False, pdl=False),  # one launch per layer, plain launches (session 2's path)
+}
+
+
 def run_gpu(args: argparse.Namespace) -> dict:
     from compress.kernels.gpu_timing import random_llama, time_generation
 
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     out = {"model": "llama-2-7b shape, random weights", "config": LLAMA2_7B, "prompt": args.prompt,
            "generate": args.generate, "batch": 1, "group_size": args.group_size, "symmetric": args.symmetric,
-           "device": torch.cuda.get_device_name(), "runs": {}}
+           "device": torch.cuda.get_device_name(), "variants": variants, "runs": {}, "int4": {}}
     model = random_llama(LLAMA2_7B, torch.float16, "cuda")
+    modes = ("eager", "cuda_graph") if args.eager else ("cuda_graph",)
 
     def timed(tag: str) -> None:
-        for mode in ("eager", "cuda_graph"):
+        for mode in modes:
             t0 = time.time()
             r = time_generation(model, args.prompt, args.generate, 1, mode=mode, repeats=args.repeats, warmup=1)
             out["runs"][f"{tag}_{mode}"] = r
-            print(f"{tag:5} {mode:10} prefill {r['prefill_ms']:8.2f} ms  decode {r['decode_ms_per_token']:7.3f} ms/token "
+            print(f"{tag:9} {mode:10} prefill {r['prefill_ms']:8.2f} ms  decode {r['decode_ms_per_token']:7.3f} ms/token "
                   f"({r['decode_tokens_per_s']:7.1f} tok/s) tokens_match_eager={r['tokens_match_eager']} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
 
     timed("fp16")
-    t0 = time.time()
     out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric)
     torch.cuda.empty_cache()
-    report = accelerate(model, backend="triton", large_m=args.large_m, plane_width=args.plane_width)
-    packed = packed_weights(model)
-    out["kernels"] = report.counts()
-    out["packed_kernels"] = dict(Counter(getattr(w, "kernel", "?") for w in packed.values()))
-    out["large_m"] = args.large_m
-    out["plane_width"] = args.plane_width
-    out["tuned"] = {str(k): v.as_dict() for k, v in tune_triton(model, (1,)).items()}
-    out["prepare_s"] = time.time() - t0
-    out["logits_rel_err_vs_dequant"] = logits_check(model, LLAMA2_7B["vocab_size"])
-    torch.cuda.synchronize()
-    out["allocated_gib_with_codes"] = torch.cuda.memory_allocated() / 2**30
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantizedLinear) and name in packed:
-            mod.release_codes(packed[name].restore_codes)
-    torch.cuda.empty_cache()
-    out["allocated_gib_codes_released"] = torch.cuda.memory_allocated() / 2**30
-    print(f"quantized {out['quantized_layers']} layers, kernels {out['kernels']} {out['packed_kernels']}, logits rel "
-          f"err vs dequant {out['logits_rel_err_vs_dequant']:.2e}, GPU memory {out['allocated_gib_with_codes']:.2f} GiB"
-          f" -> {out['allocated_gib_codes_released']:.2f} GiB after releasing the uint8 codes", flush=True)
-    timed("int4")
-    for mode in ("eager", "cuda_graph"):
-        f, q = out["runs"][f"fp16_{mode}"], out["runs"][f"int4_{mode}"]
-        out[f"decode_speedup_{mode}"] = f["decode_ms_per_token"] / q["decode_ms_per_token"]
-        out[f"prefill_speedup_{mode}"] = f["prefill_ms"] / q["prefill_ms"]
+    for variant in variants:
+        t0 = time.time()
+        info = out["int4"][variant] = {"options": VARIANTS[variant]}
+        report = accelerate(model, backend="triton", large_m=args.large_m, plane_width=args.plane_width,
+                            **VARIANTS[variant])
+        packed = packed_weights(model)
+        info["kernels"] = report.counts()
+        info["fused_groups"] = len(report.fused)
+        info["packed_kernels"] = dict(Counter(getattr(w, "kernel", "?") for w in {id(w): w for w in packed.values()}.values()))
+        info["tuned"] = {str(k): v.as_dict() for k, v in tune_triton(model, (1,)).items()}
+        info["prepare_s"] = time.time() - t0
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        info["allocated_gib"] = torch.cuda.memory_allocated() / 2**30  # accelerate released the codes
+        info["logits_rel_err_vs_dequant"] = logits_check(model, LLAMA2_7B["vocab_size"])
+        for mod in model.modules():  # the reference check restored the codes: release them again
+            if isinstance(mod, QuantizedLinear) and hasattr(mod._backend, "restore_codes"):
+                mod.release_codes(mod._backend.restore_codes)
+        torch.cuda.empty_cache()
+        print(f"{variant}: {report.counts()} ({len(report.fused)} fused groups, kernels {info['packed_kernels']}), "
+              f"logits rel err vs dequant {info['logits_rel_err_vs_dequant']:.2e}, GPU memory "
+              f"{info['allocated_gib']:.2f} GiB", flush=True)
+        timed(f"int4_{variant}")
+        for mode in modes:
+            f, q = out["runs"][f"fp16_{mode}"], out["runs"][f"int4_{variant}_{mode}"]
+            info[f"decode_speedup_{mode}"] = f["decode_ms_per_token"] / q["decode_ms_per_token"]
+            info[f"prefill_speedup_{mode}"] = f["prefill_ms"] / q["prefill_ms"]
+    first = out["int4"][variants[0]]
+    for mode in modes:  # the headline: the first variant (accelerate's default unless --variants says)
+        out[f"decode_speedup_{mode}"] = first[f"decode_speedup_{mode}"]
+        out[f"prefill_speedup_{mode}"] = first[f"prefill_speedup_{mode}"]
     return out
 
 
@@ -164,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--large-m", default="dequant", choices=["dequant", "triton"], help="gpu: prefill path")
     ap.add_argument("--plane-width", type=int, default=16, choices=[16, 32, 64], help="gpu: Triton packing width")
+    ap.add_argument("--variants", default="fused_pdl,plain",
+                    help=f"gpu: accelerate() options to time, comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--no-eager", dest="eager", action="store_false", help="gpu: CUDA-graph timing only")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--with-fallback", action="store_true", help="cpu: also time the dequantize fallback")
     ap.add_argument("--quantize-lm-head", action="store_true",
@@ -183,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     if args.target == "gpu":
-        print(f"\ndecode speedup int4/fp16: cuda_graph {result['decode_speedup_cuda_graph']:.2f}x, "
-              f"eager {result['decode_speedup_eager']:.2f}x")
+        for v, info in result["int4"].items():
+            print(f"decode speedup int4 ({v})/fp16: " + ", ".join(
+                f"{m} {info[f'decode_speedup_{m}']:.2f}x" for m in ("cuda_graph", "eager") if f"decode_speedup_{m}" in info))
     return 0
 
 

@@ -3,6 +3,11 @@
 # Usage (on the GPU machine, repo root): bash bench/gpu_suite.sh STAGES   (e.g. "env tests kernel e2e latency")
 # Logs and JSON go to $OUT (or bench/results/device when unset).
 set -u
+# the machine lacks pydantic (compress.recipe imports it): wheels carried in .whl (see bench/gpu_real_model.sh)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
 OUT=${OUT:-bench/results/device}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -14,11 +19,15 @@ for stage in $STAGES; do
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
       python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" ;;
     tests)
-      timeout 120 python3 -m pytest tests/test_kernels.py -q -m gpu -p no:cacheprovider -n 8 > "$OUT/pytest_gpu.log" 2>&1
+      timeout 200 python3 -m pytest tests/test_kernels.py -q -m gpu -p no:cacheprovider -n 8 > "$OUT/pytest_gpu.log" 2>&1
       tail -25 "$OUT/pytest_gpu.log" ;;
     kernel)
-      timeout 230 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1
-      tail -32 "$OUT/kernel_bench.log" ;;
+      timeout 150 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1
+      tail -24 "$OUT/kernel_bench.log"
+      # the stacked shapes accelerate() makes of Llama-2-7B's q/k/v and gate/up
+      timeout 60 python3 bench/kernel_bench.py --shapes 12288x4096,22016x4096 --batches 1 --large-m '' \
+        --out "$OUT/kernel_bench_stacked.json" > "$OUT/kernel_bench_stacked.log" 2>&1
+      tail -4 "$OUT/kernel_bench_stacked.log" ;;
     e2e)
       # Llama-2-7B's g128 layers all run the CUDA kernel (the Triton plane width would only shape
       # layers it cannot run; e2e_decode's default 16 is the width kernel_bench times Triton at).
@@ -31,7 +40,7 @@ cuda = statistics.median(r["ours"] for r in rows)
 triton = statistics.median(r["triton"] for r in rows if "triton" in r)
 print(f"kernel_bench batch 1, median speedup vs fp16 over {len(rows)} shapes: cuda {cuda:.2f}x, triton {triton:.2f}x")
 PY
-      timeout 190 python3 bench/e2e_decode.py gpu --out "$OUT/e2e_gpu.json" > "$OUT/e2e.log" 2>&1
+      timeout 240 python3 bench/e2e_decode.py gpu --variants fused_pdl,pdl,plain --out "$OUT/e2e_gpu.json" > "$OUT/e2e.log" 2>&1
       grep -v Warning "$OUT/e2e.log" | tail -12 ;;
     cli)
       # the compress bench contract on a tiny RTN checkpoint, on the GPU

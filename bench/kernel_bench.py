@@ -9,6 +9,8 @@ replays):
 
 - ``fp16``: ``F.linear`` on the fp16 weight (cuBLAS);
 - ``ours``: the CUDA kernel with the best tuned config; ``ours_default``: its untuned default;
+  ``ours_nopdl``: the best config launched without programmatic dependent launch (on sm_90+ ``ours``
+  lets each call's weight copies start while the previous call finishes, as consecutive layers do);
 - ``triton``: the Triton kernel (plane width 16) with its default config, the previous path;
 - ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, g128), as a reference row;
 - for M > 16: ``ours`` is the public path, dequantize (CUDA kernel) + cuBLAS.
@@ -124,6 +126,12 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
         if m <= 16:
             t["ours"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, best) for c in copies4])
             t["ours_default"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, default_cfg) for c in copies4])
+            if wt.pdl:  # the same launches without programmatic dependent launch
+                for c in copies4:
+                    c.pdl = False
+                t["ours_nopdl"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, best) for c in copies4])
+                for c in copies4:
+                    c.pdl = True
             del copies4
             copiest = [wtt] + [wtt.clone() for _ in range(ncopy - 1)]
             t["triton"] = tw.graph_time_ms([lambda c=c: tw.launch(x, c, tcfg) for c in copiest])
@@ -139,7 +147,7 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
         del copies16
         act = m * k * 2 + m * n * 2
         ours_bytes = wt.nbytes() + act + (n * k * 4 if m > 16 else 0)  # + writing and reading W for dequant
-        nbytes = {"fp16": n * k * 2 + act, "ours": ours_bytes, "ours_default": ours_bytes,
+        nbytes = {"fp16": n * k * 2 + act, "ours": ours_bytes, "ours_default": ours_bytes, "ours_nopdl": ours_bytes,
                   "triton": wtt.nbytes() + act, "tinygemm": n * k // 2 + wt.n_groups * n * 4 + act}
         row["us"] = {key: v * 1e3 for key, v in t.items()}
         row["gbps"] = {key: nbytes[key] / (t[key] * 1e6) for key in t}
@@ -148,7 +156,7 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
         rows.append(row)
         sp = row["speedup_vs_fp16"]
         print(f"{n:>6}x{k:<6} M={m:<4} fp16 {t['fp16']*1e3:7.1f}us  ours {t['ours']*1e3:7.1f}us ({sp['ours']:.2f}x, "
-              f"{row['gbps']['ours']:.0f} GB/s) triton {sp.get('triton', float('nan')):.2f}x tinygemm "
+              f"{row['gbps']['ours']:.0f} GB/s; no PDL {sp.get('ours_nopdl', float('nan')):.2f}x) triton {sp.get('triton', float('nan')):.2f}x tinygemm "
               f"{sp.get('tinygemm', float('nan')):.2f}x err {row['err_ours_best']:.1e} "
               f"best {row.get('best_config')} [{row['tune_s']:.0f}s tune]", flush=True)
     torch.cuda.empty_cache()

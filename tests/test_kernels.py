@@ -238,7 +238,7 @@ def test_accelerate_gpu_path_names_the_kernel_and_releases_the_codes(monkeypatch
 
     from compress.kernels import dispatch
 
-    def fake_backend(mod, large_m, width):
+    def fake_backend(mod, large_m, width, pdl=True):
         kernel = "cuda" if mod.out_features == 48 else "triton"
         order = layout.contiguous_group_order(mod.g_idx, mod.n_groups)
         codes = layout.ordered_codes(mod.qweight, order)
@@ -249,6 +249,7 @@ def test_accelerate_gpu_path_names_the_kernel_and_releases_the_codes(monkeypatch
         def forward(x):
             raise AssertionError("not called in this test")
         forward.packed = packed
+        forward.restore_codes = packed.restore_codes
         return forward
 
     monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
@@ -267,6 +268,85 @@ def test_accelerate_gpu_path_names_the_kernel_and_releases_the_codes(monkeypatch
         m.set_backend(None)  # the dequantize forward reads qweight: restored exactly from the words
     assert rel_err(model(x), ref) < 1e-6
     assert all(torch.equal(m.qweight, c) for m, c in zip(model, codes))
+
+
+def test_accelerate_stacks_qkv_and_gate_up_into_one_launch(monkeypatch):
+    """Fusion on the CPU: the GPU kernel is stood in for by an exact dequantize-and-multiply of the
+    STACKED layer, so the member slicing, the one-call-per-group bookkeeping, the codes' release and
+    exact per-member restore, and a member called alone on another input are all checked."""
+    from types import SimpleNamespace
+
+    from compress.kernels import dispatch
+
+    calls = []
+
+    def fake_backend(mod, large_m, width, pdl=True):
+        w, codes = mod.dequantize(), mod.qweight.clone()
+
+        def forward(x):
+            calls.append(mod.out_features)
+            return nn.functional.linear(x, w.to(x.dtype))
+        forward.packed = SimpleNamespace(kernel="cuda", restore_codes=lambda: codes.clone())
+        forward.restore_codes = forward.packed.restore_codes
+        return forward
+
+    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
+    monkeypatch.setattr(dispatch, "_choose", lambda mod, *a: ("triton", "GPU W4A16"))
+    monkeypatch.setattr(dispatch, "_triton_backend", fake_backend)
+    model = tiny_quantized_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    codes = {n: model.get_submodule(n).qweight.clone() for n in names}
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = accelerate(model, backend="triton")
+        calls.clear()
+        fast = model(ids).logits
+    attn = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"]
+    assert report.fused == [attn[:3], ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+                            attn[3:], ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]]
+    assert "one launch with q_proj, k_proj, v_proj" in report.reasons["model.layers.1.self_attn.k_proj"]
+    # per block: q/k/v (128 + 64 + 64 rows) once, gate/up (256 + 256) once, o_proj and down_proj alone
+    assert sorted(calls) == sorted([256, 512, 128, 128] * 2)
+    assert rel_err(fast, ref) < 1e-6
+    assert all("qweight" not in dict(model.get_submodule(n).named_buffers()) for n in names)
+    k_proj = model.model.layers[0].self_attn.k_proj
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        alone = k_proj(x)  # a member called by itself (no pending slice for this input)
+    assert alone.shape == (3, 64) and rel_err(alone, reference(k_proj, x)) < 1e-6
+    for n in names:  # each member's codes come back exactly (its rows of the stacked layer)
+        assert torch.equal(model.get_submodule(n).qweight, codes[n]), n
+
+
+def test_fused_group_recomputes_for_a_changed_input():
+    from compress.kernels.fused import FusedGroup
+
+    n_calls = []
+
+    def fn(x):
+        n_calls.append(1)
+        return torch.cat([x, 2 * x], -1)
+
+    group = FusedGroup(fn, [(0, 2), (2, 4)], ["a", "b"])
+    a, b = group.member(0, None), group.member(1, None)
+    x = torch.ones(1, 2)
+    assert torch.equal(a(x), x) and torch.equal(b(x), 2 * x) and len(n_calls) == 1
+    a(x)
+    x.mul_(3)  # in place between two members: b must see the new values
+    assert torch.equal(b(x), 6 * torch.ones(1, 2)) and len(n_calls) == 3
+    assert torch.equal(a(x), 3 * torch.ones(1, 2)) and len(n_calls) == 3  # a's slice of that call
+    assert group._x is None  # nothing held once every member has its slice
+
+
+def test_fusion_refuses_layers_with_different_act_order():
+    from compress.kernels.fused import stackable
+
+    a = make_layer(32, 256, 32, False, True, False, seed=1)
+    b = make_layer(32, 256, 32, False, True, False, seed=2)
+    assert stackable([a, a]) is None
+    assert "act-order" in stackable([a, b])
+    assert "in_features" in stackable([a, make_layer(32, 128, 32, False, False, False)])
 
 
 def test_accelerate_rejects_unknown_backend():
@@ -501,10 +581,13 @@ def test_accelerate_on_cuda_installs_triton_and_matches_dequant():
     ids = torch.randint(0, 256, (2, 9), device="cuda")
     with torch.no_grad():
         ref = model(ids).logits
+        ref_one = model(ids[:1, :1]).logits
         report = accelerate(model)
         fast = model(ids).logits
         one = model(ids[:1, :1]).logits  # decode-shaped call (M = 1)
     assert report.counts() == {"cuda": 14}  # the CUDA kernel where it can run, reported by its name
+    assert len(report.fused) == 4  # q/k/v and gate/up of both blocks stacked
+    assert rel_err(one, ref_one) < 1e-2
     from compress.kernels.dispatch import packed_weights
     assert {w.kernel for w in packed_weights(model).values()} == {"cuda"}
     assert not any("qweight" in dict(m.named_buffers()) for m in model.modules() if isinstance(m, QuantizedLinear))
@@ -521,3 +604,59 @@ def test_cuda_graph_timing_matches_eager_tokens():
     accelerate(model)
     r = time_generation(model, prompt=16, generate=6, mode="cuda_graph", repeats=2, warmup=1)
     assert r["tokens_match_eager"] and r["decode_ms_per_token"] > 0 and r["prefill_ms"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_cuda_w4a16_chain_of_dependent_launches(pdl):
+    """Each layer reads the previous layer's output: with programmatic dependent launch a kernel
+    starts before its predecessor ends, so reading x before GRID_WAIT would show up here (eager and
+    in a CUDA graph, new inputs each replay)."""
+    from compress.kernels import cuda_w4a16 as cw
+    from compress.kernels import triton_w4a16 as tw
+
+    layers = [make_layer(1024, 1024, 128, False, False, False, seed=20 + i) for i in range(6)]
+    wts = [tw.repack(m.qweight, m.scales, m.zeros, m.g_idx, 4, False, None, "cuda", kernel="cuda", pdl=pdl)
+           for m in layers]
+    assert all(w.pdl == (pdl and cw.pdl_supported("cuda")) for w in wts)
+    cfg = cw.default_config(1, 1024)
+
+    def chain(x):
+        for w in wts:
+            x = cw.matmul(x, w, cfg) * (1 / 32)  # keep the activations near unit scale
+        return x
+
+    def ref(x):
+        for m in layers:
+            x = (reference(m, x.float()) * (1 / 32)).half()
+        return x
+
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    chain(x)  # first launches (plain) and compilation outside the capture
+    torch.cuda.synchronize()
+    assert rel_err(chain(x), ref(x)) < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, ref(x)) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_dequantize_word_per_thread(dtype):
+    from compress.kernels import cuda_w4a16 as cw
+    from compress.kernels import triton_w4a16 as tw
+
+    for n, k, gs, act in [(272, 4104, 128, False), (64, 2048, 32, True), (48, 1000, -1, False)]:
+        layer = make_layer(n, k, gs, False, act, False, seed=5)
+        wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, False, None, "cuda", kernel="cuda")
+        w = cw.dequantize(wt, dtype)
+        if wt.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, wt.perm.long(), w)
+        assert rel_err(w, layer.dequantize()) < (3e-3 if dtype == torch.float16 else 1.5e-2), (n, k, gs)

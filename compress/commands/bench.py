@@ -55,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="kernel for the quantized layers (default: auto)")
     r.add_argument("--mode", default="cuda_graph", choices=["cuda_graph", "eager"],
                    help="GPU timing: decode step captured in a CUDA graph, or eager (default: cuda_graph)")
+    r.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="GPU: one launch per quantized layer (default: q/k/v and gate/up stacked into one launch each)")
+    r.add_argument("--no-pdl", dest="pdl", action="store_false",
+                   help="GPU: plain kernel launches (default: programmatic dependent launch on sm_90+)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -140,8 +144,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
             model, _ = load_quantized(folder, device=str(device), dtype=dtype)
             model.to(device)
-            report = accelerate(model, backend=args.backend)
+            report = accelerate(model, backend=args.backend, fuse=getattr(args, "fuse", True),
+                                pdl=getattr(args, "pdl", True))
             result["kernels"] = report.counts()
+            result["fused_groups"] = len(report.fused)
             comp = _measure(model, args, device)
             result.update({k: comp[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "mode")})
             result["runs"] = {"compressed": comp}

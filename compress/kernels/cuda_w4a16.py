@@ -52,6 +52,20 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 struct __align__(16) V4 { u32 a, b, c, d; };
 
+// Programmatic dependent launch (sm_90+): a kernel launched with the programmatic-serialization
+// attribute may start while the previous kernel in the stream is still running. Everything before
+// GRID_WAIT must not read what earlier kernels write (the weights, scales and zero points are
+// written once, at load); GRID_WAIT blocks until the previous grid has finished and its writes are
+// visible. GRID_LAUNCH lets the next kernel start early; it comes after GRID_WAIT so that at most
+// two grids overlap. Both are no-ops on older GPUs and for plain launches.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define GRID_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define GRID_WAIT()
+#define GRID_LAUNCH()
+#endif
+
 #if BF16
 #define MAGIC 0x4300u   /* bf16 128.0 */
 #define MMA_T "bf16"
@@ -300,7 +314,9 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
       }
 
 #pragma unroll
-  for (int j = 0; j < STAGES - 1; ++j) issue(sb + j);
+  for (int j = 0; j < STAGES - 1; ++j) issue(sb + j);  // weights only: may overlap the previous kernel
+  GRID_WAIT();    // x (and the memory `out` reuses) belong to earlier kernels from here on
+  GRID_LAUNCH();
   V4 va[KC][4], vb[KC][4];
   load_x(sb, va, vb);
   for (int i = sb; i < se; ++i) {
@@ -441,15 +457,17 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
 }
 
 #else
-// W [N, K] in the activation dtype (columns in group order), one 32-column chunk per thread;
-// grid (N, chunks / blockDim.x rounded up).
+// W [N, K] in the activation dtype (columns in group order). One int32 word (8 consecutive columns)
+// per thread: a warp reads 128 contiguous bytes of one row and writes 512 contiguous bytes (the
+// first version, one 32-column chunk per thread, wrote 16 bytes per lane 64 bytes apart and ran at
+// about half the copy bandwidth). grid (N, ceil(K / 8 / blockDim.x)).
 extern "C" __global__ void w4a16_dequant(const u32* __restrict__ w, const u16* __restrict__ sc,
                                          const u8* __restrict__ zp, u32* __restrict__ out,
                                          int N, int K, int KP) {
-  const int n = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
-  if (CHUNK_COLS * c >= K) return;
-  const V4 v = *reinterpret_cast<const V4*>(w + (size_t)n * (KP >> 3) + 4 * c);
-  const int g = c / GCH;
+  const int n = blockIdx.x, j = blockIdx.y * blockDim.x + threadIdx.x;  // word j: columns 8j .. 8j + 7
+  if (8 * j >= K) return;
+  const u32 v = w[(size_t)n * (KP >> 3) + j];
+  const int g = (j >> 2) / GCH;  // 4 words per chunk
   const u32 s16 = sc[(size_t)g * N + n];
   const u32 ss = s16 | (s16 << 16);
 #if SYMMETRIC
@@ -457,22 +475,14 @@ extern "C" __global__ void w4a16_dequant(const u32* __restrict__ w, const u16* _
 #else
   const u32 z = zp[(size_t)g * N + n];
 #endif
-  const u32 zz = zero_pair(z), zy = zero_pair16(z);
-  (void)zy;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int col = CHUNK_COLS * c + 8 * q;
-    if (col < K) {
-      u32 h[4];
-      unpack4(word(v, q), zz, zy, h);
-      V4 o;
-      o.a = scale_pair(h[0], ss);
-      o.b = scale_pair(h[1], ss);
-      o.c = scale_pair(h[2], ss);
-      o.d = scale_pair(h[3], ss);
-      *reinterpret_cast<V4*>(out + ((size_t)n * K + col) / 2) = o;
-    }
-  }
+  u32 h[4];
+  unpack4(v, zero_pair(z), zero_pair16(z), h);
+  V4 o;
+  o.a = scale_pair(h[0], ss);
+  o.b = scale_pair(h[1], ss);
+  o.c = scale_pair(h[2], ss);
+  o.d = scale_pair(h[3], ss);
+  *reinterpret_cast<V4*>(out + ((size_t)n * K + 8 * j) / 2) = o;  // K % 8 == 0: 16-byte aligned
 }
 #endif
 """
@@ -553,26 +563,85 @@ def _kernel(name: str, device_index: int, defines: tuple[tuple[str, int], ...]) 
         return torch.cuda._compile_kernel(src, name)
 
 
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID in cuda.h
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8, a 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
 @functools.lru_cache(maxsize=1)
 def _libcuda() -> ctypes.CDLL:
     lib = ctypes.CDLL("libcuda.so.1")
     lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
         ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
     lib.cuLaunchKernel.restype = ctypes.c_int
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    lib.cuLaunchKernelEx.restype = ctypes.c_int
     return lib
+
+
+def pdl_supported(device: torch.device | str) -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or newer."""
+    return torch.cuda.get_device_capability(torch.device(device)) >= (9, 0)
+
+
+class _Launcher:
+    """One kernel with its launch geometry and a ctypes argument array built once: a call only
+    rewrites the pointers and sizes that change (eager decode spends its time on the host, so
+    building eleven ctypes objects per layer and token mattered). ``pdl``: launch with the
+    programmatic-stream-serialization attribute (``cuLaunchKernelEx``) so that the kernel's weight
+    copies overlap the previous kernel's tail (see GRID_WAIT in the source). Not thread-safe: one
+    launcher per layer, called from one thread."""
+
+    def __init__(self, kernel: Any, grid: tuple[int, int], block: int, args: list[Any], pdl: bool):
+        self.func = kernel.func
+        self.grid = grid
+        self.block = block
+        self.holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+                        else ctypes.c_void_p(None) if a is None else ctypes.c_int(a) for a in args]
+        self.params = (ctypes.c_void_p * len(self.holders))(*[ctypes.addressof(h) for h in self.holders])
+        self.pdl = pdl
+        # The first launch is a plain one: the weight's tensors may have been written by the kernel
+        # just before (repacking, the scales' dtype conversion), and a PDL launch reads them before
+        # its GRID_WAIT.
+        self.launched = False
+        if pdl:
+            self.attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            self.config = _LaunchConfig(gridDimX=grid[0], gridDimY=grid[1], gridDimZ=1, blockDimX=block,
+                                        blockDimY=1, blockDimZ=1, sharedMemBytes=0,
+                                        attrs=ctypes.pointer(self.attr), numAttrs=1)
+
+    def set(self, i: int, value: int) -> None:
+        self.holders[i].value = value
+
+    def __call__(self, stream: int) -> None:
+        lib = _libcuda()
+        if self.pdl and self.launched:
+            self.config.hStream = stream
+            res = lib.cuLaunchKernelEx(ctypes.byref(self.config), self.func, self.params, None)
+        else:
+            res = lib.cuLaunchKernel(self.func, self.grid[0], self.grid[1], 1, self.block, 1, 1, 0,
+                                     ctypes.c_void_p(stream), self.params, None)
+        if res != 0:
+            raise RuntimeError(f"cuLaunchKernel{'Ex' if self.pdl else ''} failed with CUresult {res}")
+        self.launched = True
 
 
 def _launch_raw(kernel: Any, grid: int | tuple[int, int], block: int, args: list[Any],
                 device: torch.device) -> None:
     """cuLaunchKernel on the current stream (captured by CUDA graphs like any launch)."""
     gx, gy = (grid, 1) if isinstance(grid, int) else grid
-    holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
-               else ctypes.c_void_p(None) if a is None else ctypes.c_int(a) for a in args]
-    params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
-    res = _libcuda().cuLaunchKernel(kernel.func, gx, gy, 1, block, 1, 1, 0, stream, params, None)
-    if res != 0:
-        raise RuntimeError(f"cuLaunchKernel failed with CUresult {res}")
+    _Launcher(kernel, (gx, gy), block, args, pdl=False)(torch.cuda.current_stream(device).cuda_stream)
 
 
 def _gch(wt: Any) -> int:
@@ -598,7 +667,8 @@ def candidate_configs(m: int, n: int) -> list[CudaConfig]:
 
 def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x2d @ W.T (+ bias) for 1..16 rows of fp16/bf16 activations; ``wt`` a W4A16Weight with
-    ``kernel == "cuda"``. ``out`` ([M, N], x's dtype, row-contiguous) receives the result."""
+    ``kernel == "cuda"`` (its ``pdl`` flag picks the launch). ``out`` ([M, N], x's dtype,
+    row-contiguous) receives the result."""
     m, k = x2d.shape
     if not 1 <= m <= 16:
         raise ValueError(f"the CUDA W4A16 kernel takes 1..16 rows, got {m}")
@@ -613,15 +683,26 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
         out = torch.empty(m, n, device=x2d.device, dtype=x2d.dtype)
     elif out.shape != (m, n) or out.dtype != x2d.dtype or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {n}] {x2d.dtype} with unit column stride")
-    scales = wt.scales_for(x2d.dtype)
-    kern = _kernel("w4a16_mma", x2d.device.index, _defines(
-        cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8))
-    kp = wt.words.shape[1] * 8
-    if kp % (128 * cfg.kc):
-        raise ValueError(f"packed K {kp} is not a multiple of {128 * cfg.kc}")
-    _launch_raw(kern, -(-n // (16 * cfg.nt)), 32 * cfg.kw,
-                [x2d, wt.words, scales, wt.zeros, wt.bias, out, m, n, k, kp, x2d.stride(0), out.stride(0)],
-                x2d.device)
+    pdl = bool(getattr(wt, "pdl", False))
+    key = (cfg, x2d.dtype, m > 8, pdl)
+    launchers = wt.launchers
+    run = launchers.get(key)
+    if run is None:
+        kp = wt.words.shape[1] * 8
+        if kp % (128 * cfg.kc):
+            raise ValueError(f"packed K {kp} is not a multiple of {128 * cfg.kc}")
+        kern = _kernel("w4a16_mma", x2d.device.index, _defines(
+            cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8))
+        run = launchers[key] = _Launcher(
+            kern, (-(-n // (16 * cfg.nt)), 1), 32 * cfg.kw,
+            [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0], pdl)
+    # arguments 0 x, 5 out, 6 M, 10 ldx, 11 ldo change per call; the weight's tensors do not
+    run.set(0, x2d.data_ptr())
+    run.set(5, out.data_ptr())
+    run.set(6, m)
+    run.set(10, x2d.stride(0))
+    run.set(11, out.stride(0))
+    run(torch.cuda.current_stream(x2d.device).cuda_stream)
     return out
 
 
@@ -633,7 +714,7 @@ def dequantize(wt: Any, dtype: torch.dtype) -> torch.Tensor:
     kp = wt.words.shape[1] * 8
     kern = _kernel("w4a16_dequant", wt.words.device.index, _defines(
         CudaConfig(1, 1, 2), dtype == torch.bfloat16, _gch(wt), wt.zeros is None, False, False, dequant=True))
-    threads = 128
-    _launch_raw(kern, (n, -(-k // (CHUNK * threads))), threads, [wt.words, scales, wt.zeros, out, n, k, kp],
+    threads = 256
+    _launch_raw(kern, (n, -(-k // (8 * threads))), threads, [wt.words, scales, wt.zeros, out, n, k, kp],
                 wt.words.device)
     return out

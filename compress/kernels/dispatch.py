@@ -54,6 +54,7 @@ class AccelerationReport:
     requested: str
     layers: dict[str, str] = field(default_factory=dict)  # name -> path
     reasons: dict[str, str] = field(default_factory=dict)  # name -> why this path
+    fused: list[list[str]] = field(default_factory=list)  # layers stacked into one launch
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.layers.values()))
@@ -64,7 +65,7 @@ class AccelerationReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"requested": self.requested, "counts": self.counts(), "layers": self.layers,
-                "reasons": self.reasons}
+                "reasons": self.reasons, "fused": self.fused}
 
 
 def _triton_status() -> tuple[bool, str]:
@@ -77,11 +78,12 @@ def _triton_status() -> tuple[bool, str]:
     return True, ""
 
 
-def _triton_backend(mod: QuantizedLinear, large_m: str, width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _triton_backend(mod: QuantizedLinear, large_m: str, width: int, pdl: bool = True
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
     from compress.kernels import triton_w4a16 as tw
 
     wt = tw.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.symmetric,
-                   mod.bias, mod.qweight.device, width=width)
+                   mod.bias, mod.qweight.device, width=width, pdl=pdl)
     wt.large_m = large_m
     warned = []
 
@@ -96,6 +98,7 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int) -> Callable[
         return nn.functional.linear(x, w, None if wt.bias is None else wt.bias.to(x.dtype))
 
     forward.packed = wt  # for tuning and inspection
+    forward.restore_codes = wt.restore_codes  # this layer's uint8 codes, rebuilt from the words
     return forward
 
 
@@ -139,13 +142,17 @@ def _gpu_path(kernel: str) -> tuple[str, str]:
 
 
 def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant",
-               plane_width: int = 16) -> AccelerationReport:
+               plane_width: int = 16, fuse: bool = True, pdl: bool = True) -> AccelerationReport:
     """Repack every QuantizedLinear of ``model`` for the best available kernel and install it.
 
     ``backend``: one of BACKENDS. ``large_m`` (layers on the Triton path only; the CUDA path always
     dequantizes): path for more than 16 activation rows, "triton" (the tensor-core kernel) or
     "dequant" (dequantize + cuBLAS per call).
     ``plane_width`` (Triton path only): words per row and packed block, 16, 32 or 64 (docs/kernels.md).
+    ``fuse`` (GPU paths): stack the layers of a block that read the same input (q/k/v, gate/up; the
+    adapter table's true-sequential groups) into one launch (``compress.kernels.fused``).
+    ``pdl`` (CUDA kernel, sm_90+): programmatic dependent launch, so a kernel's weight copies start
+    while the previous kernel finishes.
 
     Example::
 
@@ -163,17 +170,25 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
     triton_ok = _triton_status() if backend in ("auto", "triton") else (False, "not requested")
     cpu_ok = cpu_int4.available()
     report = AccelerationReport(requested=backend)
-    for name, mod in model.named_modules():
-        if not isinstance(mod, QuantizedLinear):
+    mods = {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)}
+    choice = {name: _choose(mod, backend, triton_ok, cpu_ok) for name, mod in mods.items()}
+    done: set[str] = set()
+    if fuse:
+        for names in _fusion_groups(model, mods):
+            if all(choice[n][0] == "triton" for n in names):
+                _install_fused(names, [mods[n] for n in names], large_m, plane_width, pdl, report)
+                done.update(n for n in names if n in report.layers)
+    for name, mod in mods.items():
+        if name in done:
             continue
-        path, reason = _choose(mod, backend, triton_ok, cpu_ok)
+        path, reason = choice[name]
         try:
             if path == "triton":
-                fn = _triton_backend(mod, large_m, plane_width)
+                fn = _triton_backend(mod, large_m, plane_width, pdl)
                 mod.set_backend(fn)
                 path, reason = _gpu_path(fn.packed.kernel)
                 # the packed words hold the codes: free the uint8 copy (see the module docstring)
-                mod.release_codes(fn.packed.restore_codes)
+                mod.release_codes(fn.restore_codes)
             elif path == "cpu-int4":
                 mod.set_backend(_cpu_backend(mod))
             else:
@@ -183,8 +198,62 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
             mod.set_backend(None)
         report.layers[name] = path
         report.reasons[name] = reason
+    if torch.cuda.is_available() and any(p in ("cuda", "triton") for p in report.layers.values()):
+        # A PDL launch reads its weights before waiting for the previous kernel: make sure the
+        # repacking kernels have finished before any of them runs.
+        torch.cuda.synchronize()
     _log_summary(report)
     return report
+
+
+def _fusion_groups(model: nn.Module, mods: dict[str, QuantizedLinear]) -> list[list[str]]:
+    """Names of the quantized layers of each block that read the same input, from the adapter
+    table (none for models it does not know: generic discovery gives one layer per group)."""
+    from compress.adapters import get_adapter
+    from compress.errors import CompressError
+
+    try:
+        adapter = get_adapter(model)
+    except CompressError:
+        return []
+    if adapter.generic:
+        return []
+    groups = []
+    for i in range(adapter.num_blocks(model)):
+        prefix = adapter.block_prefix(i)
+        for group in adapter.sequential_groups:
+            names = [f"{prefix}.{n}" for n in group]
+            if len(names) > 1 and all(n in mods for n in names):
+                groups.append(names)
+    return groups
+
+
+def _install_fused(names: list[str], mods: list[QuantizedLinear], large_m: str, width: int, pdl: bool,
+                   report: AccelerationReport) -> None:
+    """Stack ``mods`` into one packed layer and install member forwards; leaves ``report`` untouched
+    (so the layers are accelerated one by one) when they cannot be stacked or packed."""
+    from compress.kernels import fused
+
+    why = fused.stackable(mods)
+    if why is not None:
+        log.info("accelerate: not fusing %s: %s", ", ".join(names), why)
+        return
+    stacked, bounds = fused.stack(mods)
+    try:
+        fn = _triton_backend(stacked, large_m, width, pdl)
+    except ValueError as e:
+        log.info("accelerate: not fusing %s: %s", ", ".join(names), e)
+        return
+    group = fused.FusedGroup(fn, bounds, names)
+    path, reason = _gpu_path(fn.packed.kernel)
+    short = ", ".join(n.rsplit(".", 1)[-1] for n in names)
+    for i, (name, mod) in enumerate(zip(names, mods)):
+        member = group.member(i, fn.packed)
+        mod.set_backend(member)
+        mod.release_codes(member.restore_codes)
+        report.layers[name] = path
+        report.reasons[name] = f"{reason}; one launch with {short}"
+    report.fused.append(names)
 
 
 def _log_summary(report: AccelerationReport) -> None:

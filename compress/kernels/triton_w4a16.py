@@ -313,7 +313,12 @@ class W4A16Weight:
     max_small_m: int = 16
     configs: dict[int, Any] = field(default_factory=dict)  # tuned config per M bucket
     kernel: str = "triton"
+    #: CUDA kernel only: launch with programmatic dependent launch (sm_90+; see cuda_w4a16.GRID_WAIT)
+    pdl: bool = False
     _scales_as: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: CUDA kernel only: launch objects per (config, dtype, rows > 8, pdl); they hold this weight's
+    #: data pointers, so a copy (``clone``) starts with none
+    launchers: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     @property
     def n_groups(self) -> int:
@@ -344,7 +349,7 @@ class W4A16Weight:
 
     def clone(self) -> "W4A16Weight":
         """A copy with its own tensors (benchmarks rotate copies so L2 does not hold the weight)."""
-        c = replace(self, configs=self.configs, _scales_as={})
+        c = replace(self, configs=self.configs, _scales_as={}, launchers={})
         for name in ("words", "scales", "zeros", "perm", "bias"):
             t = getattr(self, name)
             setattr(c, name, None if t is None else t.clone())
@@ -363,14 +368,15 @@ KERNELS = ("auto", "cuda", "triton")
 
 def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
            bits: int, symmetric: bool, bias: torch.Tensor | None, device: torch.device | str,
-           width: int = layout.PLANE_WIDTH, kernel: str = "auto") -> W4A16Weight:
+           width: int = layout.PLANE_WIDTH, kernel: str = "auto", pdl: bool = True) -> W4A16Weight:
     """Repack QuantizedLinear buffers (see ``compress.nn.qlinear``) once, at load.
 
     ``kernel``: "cuda" (``cuda_w4a16``: 1..16 rows in one launch; groups a multiple of 32 columns,
     in_features and out_features multiples of 8, NVRTC available), "triton" (``width`` is lowered to the widest of
     layout.WIDTHS that divides the group), or "auto": cuda where it can run, else triton (logged).
     Raises ValueError for grids no kernel here handles (not 4-bit, groups not a multiple of 16
-    columns), or for kernel="cuda" on a layer it cannot run."""
+    columns), or for kernel="cuda" on a layer it cannot run.
+    ``pdl``: launch the CUDA kernel with programmatic dependent launch where the GPU has it (sm_90+)."""
     if bits != 4:
         raise ValueError(f"the W4A16 kernel needs 4-bit codes, got bits={bits}")
     if kernel not in KERNELS:
@@ -409,7 +415,14 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
         perm=None if order.perm is None else order.perm.to(torch.int32).to(device),
         bias=None if bias is None else bias.detach().to(torch.float32).to(device),
         in_features=k, out_features=n, group=order.group_size, width=width, kernel=kernel,
+        pdl=bool(pdl) and kernel == "cuda" and cuda_w4a16_pdl(device),
     )
+
+
+def cuda_w4a16_pdl(device: torch.device | str) -> bool:
+    from compress.kernels import cuda_w4a16
+
+    return cuda_w4a16.pdl_supported(device)
 
 
 def per_plane(wt: W4A16Weight) -> bool:

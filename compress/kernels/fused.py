@@ -1,0 +1,103 @@
+"""One kernel launch for the quantized layers that read the same input (q/k/v, gate/up).
+
+Why: at decode batch 1 every W4A16 launch pays a fixed cost of about 3 µs (graph node, pipeline
+fill, final reduction; docs/kernels.md) on top of its weight bytes, and a Llama block makes seven
+of them. The adapter table already lists which linears of a block read the same input (its
+true-sequential groups); stacking their codes along the output dimension makes one layer of
+N = sum of the members' outputs, packed once.
+
+The model keeps its modules (names, state_dict, checkpoint writers are unchanged): each member
+``QuantizedLinear`` gets a forward (``FusedGroup.member``) that, when called, runs the stacked
+layer once for that input and returns its own slice; the other members, called next with the
+same input tensor, take their slices of that result without a launch. A member called with any
+other tensor (or the same tensor modified in place, where torch tracks versions) runs the stacked
+layer again, so the outputs are always those of the member's own weights. The slices are views of
+one [.., N] output (last-dim slices; transformers reshapes them with ``view`` over the last
+dimension, which views allow).
+
+Works with CUDA graphs: the Python bookkeeping runs at capture, the launches are recorded once.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from compress.nn.qlinear import QuantizedLinear
+
+
+def _version(x: torch.Tensor) -> int | None:
+    try:
+        return x._version
+    except RuntimeError:  # inference-mode tensors keep no version counter (and cannot be changed in place)
+        return None
+
+
+class FusedGroup:
+    """A stacked layer ``fn`` (x -> [..., N_total]) shared by members owning output ranges ``bounds``."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], bounds: list[tuple[int, int]],
+                 names: list[str]):
+        self.fn = fn
+        self.bounds = bounds
+        self.names = names
+        self._x: torch.Tensor | None = None
+        self._ver: int | None = None
+        self._outs: list[torch.Tensor] | None = None
+        self._pending: set[int] = set()
+
+    def _slices(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if self._x is not x or _version(x) != self._ver or i not in self._pending:
+            y = self.fn(x)
+            self._outs = [y[..., a:b] for a, b in self.bounds]
+            self._x, self._ver = x, _version(x)
+            self._pending = set(range(len(self.bounds)))
+        self._pending.discard(i)
+        out = self._outs[i]
+        if not self._pending:  # every member has its slice: hold no tensors between calls
+            self._x = self._outs = None
+        return out
+
+    def member(self, i: int, packed: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward to install on member ``i`` (``packed``: the stacked weight, for tuning)."""
+        a, b = self.bounds[i]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self._slices(x, i)
+
+        forward.packed = packed
+        forward.fused_with = self.names
+        forward.restore_codes = lambda: packed.restore_codes()[a:b]
+        return forward
+
+
+def stackable(mods: list[QuantizedLinear]) -> str | None:
+    """Why these layers cannot be stacked into one (None when they can)."""
+    first = mods[0]
+    for m in mods[1:]:
+        if m.in_features != first.in_features:
+            return "different in_features"
+        if (m.bits, m.group_size, m.symmetric) != (first.bits, first.group_size, first.symmetric):
+            return "different quantization grids"
+        if m.scales.dtype != first.scales.dtype or m.qweight.device != first.qweight.device:
+            return "different scale dtypes or devices"
+        if (m.bias is None) != (first.bias is None):
+            return "bias on some members only"
+        if not torch.equal(m.g_idx, first.g_idx):
+            return "different act-order permutations"
+    return None
+
+
+def stack(mods: list[QuantizedLinear]) -> tuple[QuantizedLinear, list[tuple[int, int]]]:
+    """One QuantizedLinear whose output rows are the members' in order, and each member's range."""
+    bounds, start = [], 0
+    for m in mods:
+        bounds.append((start, start + m.out_features))
+        start += m.out_features
+    first = mods[0]
+    bias = None if first.bias is None else torch.cat([m.bias.detach() for m in mods])
+    stacked = QuantizedLinear.from_codes(
+        torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]),
+        torch.cat([m.zeros for m in mods]), first.g_idx, first.bits, first.group_size, first.symmetric,
+        bias, first.act_order)
+    return stacked, bounds
