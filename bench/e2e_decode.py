@@ -88,7 +88,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
            "generate": args.generate, "batch": 1, "group_size": args.group_size, "symmetric": args.symmetric,
            "device": torch.cuda.get_device_name(), "variants": variants, "runs": {}, "int4": {}}
     model = random_llama(LLAMA2_7B, torch.float16, "cuda")
-    modes = ("eager", "cuda_graph") if args.eager else ("cuda_graph",)
+    modes = tuple(m for m in args.modes.split(",") if m)
 
     def timed(tag: str) -> None:
         for mode in modes:
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plane-width", type=int, default=16, choices=[16, 32, 64], help="gpu: Triton packing width")
     ap.add_argument("--variants", default="fused_pdl,plain",
                     help=f"gpu: accelerate() options to time, comma list of {', '.join(VARIANTS)}")
-    ap.add_argument("--no-eager", dest="eager", action="store_false", help="gpu: CUDA-graph timing only")
+    ap.add_argument("--modes", default="eager,cuda_graph",
+                    help="gpu: timing modes, comma list of eager, cuda_graph, compile (torch.compile + CUDA graph)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--with-fallback", action="store_true", help="cpu: also time the dequantize fallback")
     ap.add_argument("--quantize-lm-head", action="store_true",
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "gpu":
         for v, info in result["int4"].items():
             print(f"decode speedup int4 ({v})/fp16: " + ", ".join(
-                f"{m} {info[f'decode_speedup_{m}']:.2f}x" for m in ("cuda_graph", "eager") if f"decode_speedup_{m}" in info))
+                f"{m} {info[f'decode_speedup_{m}']:.2f}x" for m in ("compile", "cuda_graph", "eager")
+                if f"decode_speedup_{m}" in info))
     return 0
 
 

@@ -653,10 +653,28 @@ def test_cuda_dequantize_word_per_thread(dtype):
     from compress.kernels import cuda_w4a16 as cw
     from compress.kernels import triton_w4a16 as tw
 
-    for n, k, gs, act in [(272, 4104, 128, False), (64, 2048, 32, True), (48, 1000, -1, False)]:
+    for n, k, gs, act in [(272, 4224, 128, False), (64, 2048, 32, True), (48, 1000, -1, False)]:
         layer = make_layer(n, k, gs, False, act, False, seed=5)
         wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, False, None, "cuda", kernel="cuda")
         w = cw.dequantize(wt, dtype)
         if wt.perm is not None:
             w = torch.empty_like(w).index_copy_(1, wt.perm.long(), w)
         assert rel_err(w, layer.dequantize()) < (3e-3 if dtype == torch.float16 else 1.5e-2), (n, k, gs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_torch_compile_runs_the_kernels_as_a_custom_op():
+    from compress.kernels.gpu_timing import time_generation
+
+    model = tiny_quantized_model(device="cuda").half()
+    report = accelerate(model)
+    assert len(report.fused) == 4
+    ids = torch.randint(0, 256, (1, 12), device="cuda")
+    with torch.inference_mode():
+        ref = model(ids).logits
+        torch._dynamo.reset()
+        got = torch.compile(model, dynamic=False)(ids).logits
+    assert rel_err(got, ref) < 1e-2
+    r = time_generation(model, prompt=16, generate=6, mode="compile", repeats=1, warmup=1)
+    assert r["tokens_match_eager"] and r["decode_ms_per_token"] > 0

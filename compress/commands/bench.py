@@ -53,12 +53,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="activation dtype (default: float16 on CUDA, float32 on the CPU)")
     r.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu-int4", "dequant"],
                    help="kernel for the quantized layers (default: auto)")
-    r.add_argument("--mode", default="cuda_graph", choices=["cuda_graph", "eager"],
-                   help="GPU timing: decode step captured in a CUDA graph, or eager (default: cuda_graph)")
+    r.add_argument("--mode", default="cuda_graph", choices=["cuda_graph", "eager", "compile"],
+                   help="GPU timing: decode step captured in a CUDA graph, eager, or torch.compile'd and then "
+                        "captured (default: cuda_graph)")
     r.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="GPU: one launch per quantized layer (default: q/k/v and gate/up stacked into one launch each)")
     r.add_argument("--no-pdl", dest="pdl", action="store_false",
                    help="GPU: plain kernel launches (default: programmatic dependent launch on sm_90+)")
+    r.add_argument("--no-tune", dest="tune", action="store_false",
+                   help="GPU: skip timing the kernel configs for the decode batch (about a second per layer shape)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -148,6 +151,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                 pdl=getattr(args, "pdl", True))
             result["kernels"] = report.counts()
             result["fused_groups"] = len(report.fused)
+            if device.type == "cuda" and getattr(args, "tune", True) and args.batch <= 16 and (
+                    {"cuda", "triton"} & set(report.layers.values())):
+                from compress.kernels import tune_triton
+
+                tuned = tune_triton(model, (args.batch,))  # decode rows; prefill dequantizes (M > 16)
+                result["tuned"] = {f"{m}x{n}x{k}": c.as_dict() for (m, n, k), c in tuned.items()}
             comp = _measure(model, args, device)
             result.update({k: comp[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "mode")})
             result["runs"] = {"compressed": comp}

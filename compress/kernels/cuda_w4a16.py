@@ -188,6 +188,17 @@ __device__ __forceinline__ void cp16(u32 dst, const void* src, bool issue, bool 
                " @p cp.async.cg.shared.global [%0], [%1], 16, %3;\n}\n"
                :: "r"(dst), "l"(src), "r"((int)issue), "r"(live ? 16 : 0));
 }
+// The weight copies: each row's codes are read front to back, so with PF the copy asks L2 to fetch
+// the whole 256-byte segment (the next step's bytes of that row) with one DRAM request.
+__device__ __forceinline__ void cp16w(u32 dst, const void* src, bool live) {
+#if PF
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n"
+               :: "r"(dst), "l"(src), "r"(live ? 16 : 0));
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(dst), "l"(src), "r"(live ? 16 : 0));
+#endif
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N_>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N_)); }
@@ -265,8 +276,8 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int u = 0; u < NCP; ++u)
-        cp16(wdst[u] + off + nt * W_NT, wsrc[nt][u] + 4 * CPR * ic, true,
-             live && CHUNK_COLS * (CPR * ic + wj[u]) < K);
+        cp16w(wdst[u] + off + nt * W_NT, wsrc[nt][u] + 4 * CPR * ic,
+              live && CHUNK_COLS * (CPR * ic + wj[u]) < K);
       cp16(s_dst + off + nt * S_NT, sc + (size_t)sg * N + tile[nt] + 8 * s_half, s_on, live);
 #if !SYMMETRIC
       cp16(z_dst + off + nt * Z_NT, zp + (size_t)zg * N + tile[nt], z_on, live);
@@ -498,12 +509,14 @@ SMEM_LIMIT = 48 * 1024  # static shared memory per block
 class CudaConfig:
     """nt: 16-row mma tiles per warp; kw: warps per block, each a slice of K; stages: depth of each
     warp's copy pipeline (a power of two; steps in flight: stages - 1); kc: 128-column halves per
-    step (kc = 2: each copy instruction reads whole 128-byte lines of 4 rows)."""
+    step (kc = 2: each copy instruction reads whole 128-byte lines of 4 rows); pf: L2 prefetch hint
+    on the weight copies (1: fetch whole 256-byte segments)."""
 
     nt: int
     kw: int
     stages: int
     kc: int = 1
+    pf: int = 0  # 1: weight copies carry the L2::256B prefetch-size hint
 
     def smem_bytes(self) -> int:
         return self.kw * self.stages * self.nt * self.kc * STAGE_BYTES  # the reduction reuses it
@@ -549,7 +562,8 @@ def compile_error(device: torch.device | str) -> str | None:
 
 def _defines(cfg: CudaConfig, bf16: bool, gch: int, symmetric: bool, has_bias: bool, mrows2: bool,
              dequant: bool = False) -> tuple[tuple[str, int], ...]:
-    return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("BF16", int(bf16)), ("GCH", gch),
+    return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("PF", cfg.pf),
+            ("BF16", int(bf16)), ("GCH", gch),
             ("SYMMETRIC", int(symmetric)), ("HAS_BIAS", int(has_bias)), ("MROWS2", int(mrows2)),
             ("CHUNK_COLS", CHUNK), ("DEQUANT", int(dequant)),
             ("SCALE_AFTER", int(gch % 4 == 0)))  # one group per 128-column step: scale the fp32 sums
@@ -649,11 +663,13 @@ def _gch(wt: Any) -> int:
 
 
 def default_config(m: int, n: int, sm_count: int = 132) -> CudaConfig:
-    """Config when none was tuned, fit to the H100 sweep (docs/kernels.md; it picks the measured best
-    on the five benchmark shapes at M = 1, 4 and 16): up to 8 rows of x, one 16-row tile per warp
-    and 256-column steps; more rows, two tiles and 128-column steps; 2, 4 or 8 warps per block (each
-    a slice of K), whichever brings the grid nearest 12 (8 when M > 8) warps per multiprocessor."""
-    nt, kc, per_sm = (2, 1, 8) if m > 8 else (1, 2, 12)
+    """Config when none was tuned, fit to the H100 sweeps (docs/kernels.md): up to 8 rows of x, one
+    16-row tile per warp and 256-column steps; more rows, two tiles and 128-column steps; 2, 4 or 8
+    warps per block (each a slice of K), whichever brings the grid nearest 16 (8 when M > 8) warps
+    per multiprocessor (16 since programmatic dependent launch: 12 before). Within 3% of the
+    sweep's best on 10 of the 17 shape/row-count cases of the session-3 sweep, 8% on average, 38%
+    at worst (14336 x 4096, M = 16): ``tune`` (or ``compress bench``, which tunes) is worth it."""
+    nt, kc, per_sm = (2, 1, 8) if m > 8 else (1, 2, 16)
     blocks = -(-n // (16 * nt))
     kw = min((2, 4, 8), key=lambda k: abs(math.log(blocks * k / (per_sm * sm_count))))
     return CudaConfig(nt=nt, kw=kw, stages=2, kc=kc)
@@ -661,7 +677,8 @@ def default_config(m: int, n: int, sm_count: int = 132) -> CudaConfig:
 
 def candidate_configs(m: int, n: int) -> list[CudaConfig]:
     """The configs ``tune`` times (all within the static shared-memory limit)."""
-    cfgs = [CudaConfig(nt, kw, st, kc) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8) for st in (2, 4)]
+    cfgs = [CudaConfig(nt, kw, st, kc, pf) for pf in (0, 1) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8)
+            for st in (2, 4)]
     return [c for c in cfgs if c.smem_bytes() <= SMEM_LIMIT]
 
 

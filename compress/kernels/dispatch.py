@@ -86,9 +86,14 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int, pdl: bool = 
                    mod.bias, mod.qweight.device, width=width, pdl=pdl)
     wt.large_m = large_m
     warned = []
+    from compress.kernels import ops
+
+    handle = ops.register(wt)  # for torch.compile: the kernel as an opaque custom op
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda:
+            if torch.compiler.is_compiling():
+                return torch.ops.compress.w4a16_linear(x, handle, wt.out_features)
             return tw.w4a16_matmul(x, wt)
         if not warned:
             log.warning("%s W4A16 kernel got %s activations on %s; this layer runs the "

@@ -47,10 +47,14 @@ class FusedGroup:
         self._pending: set[int] = set()
 
     def _slices(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        if self._x is not x or _version(x) != self._ver or i not in self._pending:
+        # Under torch.compile the bookkeeping is traced (identity checks on traced tensors, the
+        # attribute updates replayed after the graph); version counters are not traceable, and no
+        # in-place change can slip between two members inside one compiled graph unseen by it.
+        ver = None if torch.compiler.is_compiling() else _version(x)
+        if self._x is not x or ver != self._ver or i not in self._pending:
             y = self.fn(x)
             self._outs = [y[..., a:b] for a, b in self.bounds]
-            self._x, self._ver = x, _version(x)
+            self._x, self._ver = x, ver
             self._pending = set(range(len(self.bounds)))
         self._pending.discard(i)
         out = self._outs[i]

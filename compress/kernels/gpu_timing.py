@@ -8,6 +8,10 @@ write position is a device tensor, so one decode step (forward + greedy argmax w
 the input buffer) is captured once as a CUDA graph and replayed ``generate`` times with no host work
 in between. The prefill (which zeroes the cache length first, inside the graph) is captured too.
 ``mode="eager"`` runs the very same steps uncaptured, which is what a plain-transformers user sees.
+``mode="compile"`` first compiles the model with ``torch.compile`` (Inductor, fixed shapes; the
+W4A16 kernels enter as the opaque custom op ``compress::w4a16_linear``), then captures the compiled
+steps in CUDA graphs as ``cuda_graph`` does; its ``tokens_match_eager`` compares the compiled model
+replayed in the graph with the same compiled model run without one.
 
 Timing uses CUDA events around the enqueued work; numbers are medians over ``repeats`` after
 ``warmup`` untimed runs. The captured run is checked against the eager run: both must produce the
@@ -28,7 +32,7 @@ from torch import nn
 
 from compress.errors import CompressError, ConfigError
 
-MODES = ("eager", "cuda_graph")
+MODES = ("eager", "cuda_graph", "compile")
 
 
 def random_llama(config: dict[str, Any], dtype: torch.dtype = torch.float16, device: str = "cuda",
@@ -57,10 +61,10 @@ def _zero_lengths(cache: Any) -> None:
 class _Steps:
     """Prefill and decode closures over fixed input/output buffers (graph-capturable)."""
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, generate: int):
+    def __init__(self, model: nn.Module, ids: torch.Tensor, generate: int, forward: Callable | None = None):
         from transformers import StaticCache
 
-        self.model = model
+        self.model = forward or model
         self.ids = ids
         self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + generate + 1)
         self.tok = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
@@ -107,7 +111,15 @@ def time_generation(model: nn.Module, prompt: int, generate: int, batch: int = 1
         raise CompressError(f"time_generation needs the model on a CUDA device, it is on {device}")
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, int(model.config.vocab_size), (batch, prompt), generator=gen).to(device)
-    steps = _Steps(model, ids, generate)
+    forward = None
+    if mode == "compile":
+        # Inductor fuses the elementwise work between the matmuls (our W4A16 kernel stays one
+        # opaque custom op, compress.kernels.ops); shapes are fixed, so no dynamic-shape guards.
+        # A fresh compile per call: the model's layers may have changed since the last one (another
+        # accelerate() call), and stale compiled code would count against Dynamo's recompile limit.
+        torch._dynamo.reset()
+        forward = torch.compile(model, dynamic=False)
+    steps = _Steps(model, ids, generate, forward)
 
     # Eager warm-up on a side stream: lazily allocates the cache, compiles/tunes kernels and lets
     # the allocator settle before any capture (capture requires it).
@@ -123,7 +135,7 @@ def time_generation(model: nn.Module, prompt: int, generate: int, batch: int = 1
 
     prefill, step = steps.prefill, steps.step
     graphs = []
-    if mode == "cuda_graph":
+    if mode in ("cuda_graph", "compile"):
         g_pre, g_dec = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(g_pre):
             steps.prefill()

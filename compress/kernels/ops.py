@@ -1,0 +1,47 @@
+"""The W4A16 matmul as a torch custom op, so that ``torch.compile`` can compile a model around it.
+
+Why: our kernels are launched through ctypes, which TorchDynamo cannot trace. Under compilation
+``QuantizedLinear``'s installed forward calls ``torch.ops.compress.w4a16_linear`` instead: Dynamo
+records one opaque node with a known output shape (the fake implementation), and Inductor fuses
+and compiles everything around it (RMSNorm, rotary, SiLU * up, residual adds) — the parts of a
+decode step that INT4 does not shrink. Outside compilation the forward calls the kernel directly
+(a custom-op dispatch costs host time per call in eager mode).
+
+The op takes a handle to the packed weight (a ``W4A16Weight`` is not a tensor): ``register``
+returns it. The table holds weak references, so a packed weight that its layer drops (another
+``accelerate`` call) goes away with its entry; a handle whose weight is gone raises.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+import torch
+
+_WEIGHTS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_NEXT = itertools.count(1)
+
+
+def register(wt: Any) -> int:
+    """A handle for ``wt`` (a ``triton_w4a16.W4A16Weight``) to pass to ``w4a16_linear``."""
+    handle = next(_NEXT)
+    _WEIGHTS[handle] = wt
+    return handle
+
+
+@torch.library.custom_op("compress::w4a16_linear", mutates_args=())
+def w4a16_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for the packed weight registered as ``handle`` (fp16/bf16 x on CUDA)."""
+    from compress.kernels import triton_w4a16 as tw
+
+    wt = _WEIGHTS.get(handle)
+    if wt is None:
+        raise RuntimeError(f"compress::w4a16_linear: packed weight {handle} no longer exists "
+                           "(re-run accelerate and recompile)")
+    return tw.w4a16_matmul(x, wt)
+
+
+@w4a16_linear.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
