@@ -64,7 +64,7 @@ class _Steps:
     def __init__(self, model: nn.Module, ids: torch.Tensor, generate: int, forward: Callable | None = None):
         from transformers import StaticCache
 
-        self.model = forward or model
+        self.model = model if forward is None else forward
         self.ids = ids
         self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + generate + 1)
         self.tok = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
