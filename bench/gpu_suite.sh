@@ -40,11 +40,13 @@ cuda = statistics.median(r["ours"] for r in rows)
 triton = statistics.median(r["triton"] for r in rows if "triton" in r)
 print(f"kernel_bench batch 1, median speedup vs fp16 over {len(rows)} shapes: cuda {cuda:.2f}x, triton {triton:.2f}x")
 PY
-      timeout 240 python3 bench/e2e_decode.py gpu --variants fused_pdl,pdl,plain --out "$OUT/e2e_gpu.json" > "$OUT/e2e.log" 2>&1
+      # compile: ~2 minutes of torch.compile per model; drop it from --modes for a quick run
+      timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl,plain --modes cuda_graph,compile \
+        --out "$OUT/e2e_gpu.json" > "$OUT/e2e.log" 2>&1
       grep -v Warning "$OUT/e2e.log" | tail -12 ;;
     cli)
       # the compress bench contract on a tiny RTN checkpoint, on the GPU
-      timeout 120 python3 - > "$OUT/cli.log" 2>&1 <<'PY'
+      timeout 300 python3 - > "$OUT/cli.log" 2>&1 <<'PY'
 import argparse, json, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from compress.adapters import set_submodule
@@ -62,7 +64,7 @@ for name, mod in list(m.named_modules()):
         set_submodule(m, name, QuantizedLinear.from_codes(q, s, z, default_g_idx(mod.in_features, 128), 4, 128, False))
 save_checkpoint(m, None, "/tmp/tiny-w4g128", overwrite=True)
 p = argparse.ArgumentParser(); bench.register(p.add_subparsers())
-for extra in ([], ["--json"]):
+for extra in ([], ["--json"], ["--json", "--mode", "compile"]):
     a = p.parse_args(["bench", "/tmp/tiny-w4g128", "--device", "cuda", "--prompt", "128", "--generate", "32"] + extra)
     a.func(a)
 PY
