@@ -653,7 +653,7 @@ def default_config(m: int, n: int, sm_count: int = 132) -> CudaConfig:
     16-row tile per warp and 256-column steps; more rows, two tiles and 128-column steps; 2, 4 or 8
     warps per block (each a slice of K), whichever brings the grid nearest 16 (8 when M > 8) warps
     per multiprocessor (16 since programmatic dependent launch: 12 before). Within 3% of the
-    sweep's best on 10 of the 17 shape/row-count cases of the session-3 sweep, 8% on average, 38%
+    sweep's best on 9 of the 17 shape/row-count cases of the session-3 sweep, 8% on average, 38%
     at worst (14336 x 4096, M = 16): ``tune`` (or ``compress bench``, which tunes) is worth it."""
     nt, kc, per_sm = (2, 1, 8) if m > 8 else (1, 2, 16)
     blocks = -(-n // (16 * nt))
