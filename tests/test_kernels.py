@@ -513,10 +513,10 @@ def test_cuda_w4a16_every_config_and_row_count(n, k, gs, sym, act, bias, dtype):
     w64 = dequantize_weight(layer.qweight, layer.scales, layer.zeros, layer.g_idx).double()
     b64 = 0 if layer.bias is None else layer.bias.detach().double()
     bound = 3e-3 if dtype == torch.float16 else 1.5e-2
-    # each NT, KW and U value at least once (candidate_configs has them all; the benchmark checks
+    # each NT, KW, U and minb value at least once (candidate_configs has them all; the benchmark checks
     # the error of the config it picks)
     configs = [cw.CudaConfig(*c) for c in ((1, 2, 2, 1), (1, 8, 4, 1), (2, 4, 4, 1), (2, 8, 2, 1),
-                                            (1, 4, 2, 2), (1, 2, 4, 2), (2, 4, 2, 2))]
+                                            (1, 4, 2, 2), (1, 2, 4, 2), (2, 4, 2, 2), (1, 8, 2, 2, 1), (2, 4, 2, 2, 1))]
     assert all(c in cw.candidate_configs(16, n) for c in configs)
     for m in (1, 2, 8, 9, 16):
         for cfg in configs:

@@ -214,7 +214,12 @@ struct __align__(16) Stage {
 // w: int32 [N, KP / 8] (layout.pack_chunked, KP a multiple of 128 KC); sc: [G, N] scales in the
 // activation dtype; zp: [G, N] uint8 (unused when SYMMETRIC); N % 16 == 0; ldx, ldo: row strides
 // in elements.
-extern "C" __global__ void __launch_bounds__(KW * 32)
+#if MINB > 0
+#define BOUNDS __launch_bounds__(KW * 32, MINB)
+#else
+#define BOUNDS __launch_bounds__(KW * 32)
+#endif
+extern "C" __global__ void BOUNDS
 w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ sc,
           const u8* __restrict__ zp, const float* __restrict__ bias, u16* __restrict__ out,
           int M, int N, int K, int KP, int ldx, int ldo) {
@@ -498,12 +503,17 @@ SMEM_LIMIT = 48 * 1024  # static shared memory per block
 class CudaConfig:
     """nt: 16-row mma tiles per warp; kw: warps per block, each a slice of K; stages: depth of each
     warp's copy pipeline (a power of two; steps in flight: stages - 1); kc: 128-column halves per
-    step (kc = 2: each copy instruction reads whole 128-byte lines of 4 rows)."""
+    step (kc = 2: each copy instruction reads whole 128-byte lines of 4 rows); minb: the minimum
+    blocks per multiprocessor given to ``__launch_bounds__`` (0: none). It steers ptxas's register
+    budget: without it ptxas keeps most configs at 128 registers (16 warps per multiprocessor);
+    minb = 1 lets it use more (140-174 for the larger configs, fewer resident warps, more loads
+    in flight per warp). Neither wins everywhere, so ``tune`` times both."""
 
     nt: int
     kw: int
     stages: int
     kc: int = 1
+    minb: int = 0  # __launch_bounds__ minimum blocks per multiprocessor (0: no hint)
 
     def smem_bytes(self) -> int:
         return self.kw * self.stages * self.nt * self.kc * STAGE_BYTES  # the reduction reuses it
@@ -549,7 +559,8 @@ def compile_error(device: torch.device | str) -> str | None:
 
 def _defines(cfg: CudaConfig, bf16: bool, gch: int, symmetric: bool, has_bias: bool, mrows2: bool,
              dequant: bool = False) -> tuple[tuple[str, int], ...]:
-    return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("BF16", int(bf16)), ("GCH", gch),
+    return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("MINB", cfg.minb),
+            ("BF16", int(bf16)), ("GCH", gch),
             ("SYMMETRIC", int(symmetric)), ("HAS_BIAS", int(has_bias)), ("MROWS2", int(mrows2)),
             ("CHUNK_COLS", CHUNK), ("DEQUANT", int(dequant)),
             ("SCALE_AFTER", int(gch % 4 == 0)))  # one group per 128-column step: scale the fp32 sums
@@ -665,7 +676,9 @@ def candidate_configs(m: int, n: int) -> list[CudaConfig]:
     """The configs ``tune`` times (all within the static shared-memory limit)."""
     # (An L2::256B prefetch-size hint on the weight copies was tried as a further option: within
     # +-2% of these on every shape and row count, so it was dropped.)
-    cfgs = [CudaConfig(nt, kw, st, kc) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8) for st in (2, 4)]
+    # (Asking for 20 resident warps, i.e. at most 96 registers, was timed too and never won.)
+    cfgs = [CudaConfig(nt, kw, st, kc, mb) for mb in (0, 1) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8)
+            for st in (2, 4)]
     return [c for c in cfgs if c.smem_bytes() <= SMEM_LIMIT]
 
 
