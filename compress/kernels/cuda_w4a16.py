@@ -28,11 +28,12 @@ their partial sums in shared memory at the end.
 
 The kernels are compiled once per configuration and process (``torch.cuda._compile_kernel``,
 NVRTC, well under a second each) and launched through the driver API on the current stream, so
-CUDA graphs capture them like any other kernel.
+CUDA graphs capture them like any other kernel; on sm_90+ with programmatic dependent launch
+(``cuLaunchKernelEx``; see GRID_WAIT in the source), so that a kernel's first weight copies overlap
+the end of the kernel before it.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import math
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from compress.kernels.cuda_launch import Launcher, launch, pdl_supported  # noqa: F401 (re-exported)
 
 
 log = logging.getLogger(__name__)
@@ -574,87 +577,6 @@ def _kernel(name: str, device_index: int, defines: tuple[tuple[str, int], ...]) 
         return torch.cuda._compile_kernel(src, name)
 
 
-_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID in cuda.h
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8, a 64-byte union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
-                ("rest", ctypes.c_char * 60)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
-                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
-                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
-                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
-
-
-@functools.lru_cache(maxsize=1)
-def _libcuda() -> ctypes.CDLL:
-    lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
-        ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-    lib.cuLaunchKernel.restype = ctypes.c_int
-    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
-                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
-    lib.cuLaunchKernelEx.restype = ctypes.c_int
-    return lib
-
-
-def pdl_supported(device: torch.device | str) -> bool:
-    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or newer."""
-    return torch.cuda.get_device_capability(torch.device(device)) >= (9, 0)
-
-
-class _Launcher:
-    """One kernel with its launch geometry and a ctypes argument array built once: a call only
-    rewrites the pointers and sizes that change (eager decode spends its time on the host, so
-    building eleven ctypes objects per layer and token mattered). ``pdl``: launch with the
-    programmatic-stream-serialization attribute (``cuLaunchKernelEx``) so that the kernel's weight
-    copies overlap the previous kernel's tail (see GRID_WAIT in the source). Not thread-safe: one
-    launcher per layer, called from one thread."""
-
-    def __init__(self, kernel: Any, grid: tuple[int, int], block: int, args: list[Any], pdl: bool):
-        self.func = kernel.func
-        self.grid = grid
-        self.block = block
-        self.holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
-                        else ctypes.c_void_p(None) if a is None else ctypes.c_int(a) for a in args]
-        self.params = (ctypes.c_void_p * len(self.holders))(*[ctypes.addressof(h) for h in self.holders])
-        self.pdl = pdl
-        # The first launch is a plain one: the weight's tensors may have been written by the kernel
-        # just before (repacking, the scales' dtype conversion), and a PDL launch reads them before
-        # its GRID_WAIT.
-        self.launched = False
-        if pdl:
-            self.attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-            self.config = _LaunchConfig(gridDimX=grid[0], gridDimY=grid[1], gridDimZ=1, blockDimX=block,
-                                        blockDimY=1, blockDimZ=1, sharedMemBytes=0,
-                                        attrs=ctypes.pointer(self.attr), numAttrs=1)
-
-    def set(self, i: int, value: int) -> None:
-        self.holders[i].value = value
-
-    def __call__(self, stream: int) -> None:
-        lib = _libcuda()
-        if self.pdl and self.launched:
-            self.config.hStream = stream
-            res = lib.cuLaunchKernelEx(ctypes.byref(self.config), self.func, self.params, None)
-        else:
-            res = lib.cuLaunchKernel(self.func, self.grid[0], self.grid[1], 1, self.block, 1, 1, 0,
-                                     ctypes.c_void_p(stream), self.params, None)
-        if res != 0:
-            raise RuntimeError(f"cuLaunchKernel{'Ex' if self.pdl else ''} failed with CUresult {res}")
-        self.launched = True
-
-
-def _launch_raw(kernel: Any, grid: int | tuple[int, int], block: int, args: list[Any],
-                device: torch.device) -> None:
-    """cuLaunchKernel on the current stream (captured by CUDA graphs like any launch)."""
-    gx, gy = (grid, 1) if isinstance(grid, int) else grid
-    _Launcher(kernel, (gx, gy), block, args, pdl=False)(torch.cuda.current_stream(device).cuda_stream)
-
-
 def _gch(wt: Any) -> int:
     return _GCH_PER_CHANNEL if wt.n_groups == 1 else wt.group // CHUNK
 
@@ -663,9 +585,10 @@ def default_config(m: int, n: int, sm_count: int = 132) -> CudaConfig:
     """Config when none was tuned, fit to the H100 sweeps (docs/kernels.md): up to 8 rows of x, one
     16-row tile per warp and 256-column steps; more rows, two tiles and 128-column steps; 2, 4 or 8
     warps per block (each a slice of K), whichever brings the grid nearest 16 (8 when M > 8) warps
-    per multiprocessor (16 since programmatic dependent launch: 12 before). Within 3% of the
-    sweep's best on 9 of the 17 shape/row-count cases of the session-3 sweep, 8% on average, 38%
-    at worst (14336 x 4096, M = 16): ``tune`` (or ``compress bench``, which tunes) is worth it."""
+    per multiprocessor (16 since programmatic dependent launch: 12 before). Within 3% of the best
+    of bench/results/kernel_bench_h100_pdl.json's sweep in 9 of its 17 shape/row-count cases, 8%
+    slower on average, 38% at worst (14336 x 4096, M = 16): ``tune`` (or ``compress bench``, which
+    tunes) is worth it."""
     nt, kc, per_sm = (2, 1, 8) if m > 8 else (1, 2, 16)
     blocks = -(-n // (16 * nt))
     kw = min((2, 4, 8), key=lambda k: abs(math.log(blocks * k / (per_sm * sm_count))))
@@ -710,7 +633,7 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
             raise ValueError(f"packed K {kp} is not a multiple of {128 * cfg.kc}")
         kern = _kernel("w4a16_mma", x2d.device.index, _defines(
             cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8))
-        run = launchers[key] = _Launcher(
+        run = launchers[key] = Launcher(
             kern, (-(-n // (16 * cfg.nt)), 1), 32 * cfg.kw,
             [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0], pdl)
     # arguments 0 x, 5 out, 6 M, 10 ldx, 11 ldo change per call; the weight's tensors do not
@@ -732,6 +655,6 @@ def dequantize(wt: Any, dtype: torch.dtype) -> torch.Tensor:
     kern = _kernel("w4a16_dequant", wt.words.device.index, _defines(
         CudaConfig(1, 1, 2), dtype == torch.bfloat16, _gch(wt), wt.zeros is None, False, False, dequant=True))
     threads = 256
-    _launch_raw(kern, (n, -(-k // (8 * threads))), threads, [wt.words, scales, wt.zeros, out, n, k, kp],
+    launch(kern, (n, -(-k // (8 * threads))), threads, [wt.words, scales, wt.zeros, out, n, k, kp],
                 wt.words.device)
     return out
