@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from collections import Counter
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -77,6 +78,54 @@ VARIANTS = {  # name -> accelerate() options
 }
 
 
+def kernel_profile(model: nn.Module, prompt: int, compiled: bool, steps: int = 8) -> dict:
+    """GPU time per decode step by kernel family (torch.profiler over ``steps`` uncaptured steps of
+    the model, compiled or not): where the time goes besides the matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from compress.kernels.gpu_timing import _Steps
+
+    # no dynamo reset: right after time_generation(mode="compile") this reuses its compiled code
+    fwd = torch.compile(model, dynamic=False) if compiled else None
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
+    with torch.inference_mode():
+        st = _Steps(model, ids, steps + 4, fwd)
+        st.prefill()
+        for _ in range(2):
+            st.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                st.step()
+            torch.cuda.synchronize()
+    families = {"w4a16 (ours)": ("w4a16",), "gemm (cuBLAS)": ("gemm", "gemv", "sm90_", "cutlass", "cublas"),
+                "attention": ("attention", "fmha", "flash", "sdpa", "softmax"),
+                "fused elementwise (Triton/Inductor)": ("triton_",)}
+    out: dict[str, Any] = {k: {"us_per_step": 0.0, "kernels_per_step": 0.0} for k in [*families, "other"]}
+    top = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if not t or ev.count == 0:
+            continue
+        name = ev.key.lower()
+        fam = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
+        out[fam]["us_per_step"] += t / steps
+        out[fam]["kernels_per_step"] += ev.count / steps
+        top.append((t / steps, ev.count / steps, ev.key[:90]))
+    out["top"] = [dict(us_per_step=a, per_step=b, kernel=c) for a, b, c in sorted(top, reverse=True)[:15]]
+    return out
+
+
+def print_profile(tag: str, prof: dict) -> None:
+    total = sum(v["us_per_step"] for k, v in prof.items() if k != "top")
+    print(f"{tag} kernel time per decode step (profiler, uncaptured): {total:.0f} us", flush=True)
+    for k, v in prof.items():
+        if k != "top":
+            print(f"  {k:38} {v['us_per_step']:8.1f} us  {v['kernels_per_step']:6.1f} kernels", flush=True)
+    for r in prof["top"][:8]:
+        print(f"    {r['us_per_step']:8.1f} us x{r['per_step']:5.1f}  {r['kernel']}", flush=True)
+
+
 def run_gpu(args: argparse.Namespace) -> dict:
     from compress.kernels.gpu_timing import random_llama, time_generation
 
@@ -100,7 +149,12 @@ def run_gpu(args: argparse.Namespace) -> dict:
                   f"[{time.time() - t0:.0f}s]", flush=True)
 
     timed("fp16")
-    out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric)
+    if args.profile:
+        out["profile_fp16"] = kernel_profile(model, args.prompt, "compile" in modes)
+        print_profile("fp16", out["profile_fp16"])
+    out["quantize_lm_head"] = args.quantize_lm_head
+    out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric,
+                                               skip=() if args.quantize_lm_head else ("lm_head",))
     torch.cuda.empty_cache()
     for variant in variants:
         t0 = time.time()
@@ -125,6 +179,9 @@ def run_gpu(args: argparse.Namespace) -> dict:
               f"logits rel err vs dequant {info['logits_rel_err_vs_dequant']:.2e}, GPU memory "
               f"{info['allocated_gib']:.2f} GiB", flush=True)
         timed(f"int4_{variant}")
+        if args.profile:
+            info["profile"] = kernel_profile(model, args.prompt, "compile" in modes)
+            print_profile(f"int4_{variant}", info["profile"])
         for mode in modes:
             f, q = out["runs"][f"fp16_{mode}"], out["runs"][f"int4_{variant}_{mode}"]
             info[f"decode_speedup_{mode}"] = f["decode_ms_per_token"] / q["decode_ms_per_token"]
@@ -187,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"gpu: accelerate() options to time, comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--modes", default="eager,cuda_graph",
                     help="gpu: timing modes, comma list of eager, cuda_graph, compile (torch.compile + CUDA graph)")
+    ap.add_argument("--profile", action="store_true",
+                    help="gpu: also profile decode steps by kernel family (compiled when --modes has compile)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--with-fallback", action="store_true", help="cpu: also time the dequantize fallback")
     ap.add_argument("--quantize-lm-head", action="store_true",
-                    help="cpu: also quantize lm_head (unties it from the fp32 embedding)")
+                    help="also quantize lm_head (cpu: unties it from the fp32 embedding)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.prompt = args.prompt or 128
