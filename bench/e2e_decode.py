@@ -98,7 +98,9 @@ def kernel_profile(model: nn.Module, prompt: int, compiled: bool, steps: int = 8
             for _ in range(steps):
                 st.step()
             torch.cuda.synchronize()
-    families = {"w4a16 (ours)": ("w4a16",), "gemm (cuBLAS)": ("gemm", "gemv", "sm90_", "cutlass", "cublas"),
+    # (Inductor names its fused kernels after the ops they consume, e.g. "..._w4a16_linear_11": match
+    # our kernels by their own names only)
+    families = {"w4a16 (ours)": ("w4a16_mma", "w4a16_dequant"), "gemm (cuBLAS)": ("gemm", "gemv", "sm90_", "cutlass", "cublas"),
                 "attention": ("attention", "fmha", "flash", "sdpa", "softmax"),
                 "fused elementwise (Triton/Inductor)": ("triton_",)}
     out: dict[str, Any] = {k: {"us_per_step": 0.0, "kernels_per_step": 0.0} for k in [*families, "other"]}
