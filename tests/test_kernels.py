@@ -209,6 +209,20 @@ def test_accelerate_auto_on_cpu_installs_cpu_int4_and_says_so(caplog):
     assert rel_err(fast, ref) < 3e-2  # bf16 activations through two blocks
 
 
+
+@pytest.mark.skipif(not cpu_int4.available()[0], reason="torch without the CPU int4 kernel")
+def test_cpu_backend_runs_prefill_densely_and_decode_on_int4(monkeypatch):
+    from compress.kernels import dispatch
+
+    layer = make_layer(96, 256, 64, False, True, True, seed=4)
+    accelerate(nn.Sequential(layer), backend="cpu-int4")
+    calls = []
+    monkeypatch.setattr(cpu_int4, "int4_matmul", lambda x, wt: calls.append(x.shape) or torch.zeros(*x.shape[:-1], 96))
+    big = torch.randn(2, dispatch.CPU_DENSE_MIN_ROWS // 2, 256)  # exactly the threshold: dense fp32
+    assert rel_err(layer(big), reference(layer, big)) < 1e-6 and not calls
+    layer(torch.randn(1, 1, 256))  # decode-sized: the int4 kernel
+    assert calls == [(1, 1, 256)]
+
 def test_accelerate_falls_back_with_a_warning_when_triton_cannot_run(caplog):
     model = tiny_quantized_model()
     if HAS_CUDA:

@@ -77,6 +77,15 @@ def dequantize_weight(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
 ) -> torch.Tensor:
     """w[o, i] = (q[o, i] - zeros[o, g_idx[i]]) * scales[o, g_idx[i]] in float32."""
+    n, k = q.shape
+    n_groups = scales.shape[1]
+    if k % n_groups == 0 and torch.equal(g_idx.long().cpu(), torch.arange(k) // (k // n_groups)):
+        # contiguous equal groups (no act-order): broadcast per group instead of gathering an
+        # [out, in] index twice (same arithmetic, same values; several times faster)
+        gs = k // n_groups
+        w = q.view(n, n_groups, gs).float()
+        w.sub_(zeros.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1))  # in place: one [out, in] buffer
+        return w.view(n, k)
     g = g_idx.long()
     return (q.float() - zeros.float()[:, g]) * scales.float()[:, g]
 

@@ -7,7 +7,9 @@ with ``QuantizedLinear.set_backend``. Paths, as the report names them:
   layers on a CUDA device that it can run (see ``triton_w4a16.repack``); fp16/bf16 activations.
 - ``triton``: the W4A16 Triton kernels (``triton_w4a16``), the other GPU layers; fp16/bf16
   activations. On both GPU paths other activation dtypes run the dequantize fallback for that call.
-- ``cpu-int4``: torch's CPU int4 kernel (``cpu_int4``), for layers on the CPU; bf16 arithmetic.
+- ``cpu-int4``: torch's CPU int4 kernel (``cpu_int4``), for layers on the CPU; bf16 arithmetic. From
+  ``CPU_DENSE_MIN_ROWS`` activation rows on (prefill) the layer is dequantized to float32 for that
+  call and multiplied densely (exact, and faster there than the int4 kernel).
 - ``dequant-fallback``: no kernel installed; the layer's own forward dequantizes its weight and
   calls ``F.linear`` (always correct, slow, no memory saved at run time).
 
@@ -107,12 +109,24 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int, pdl: bool = 
     return forward
 
 
+#: CPU: from this many activation rows on (prefill), dequantize the layer to float32 once per call
+#: and multiply densely instead of running the int4 kernel. Measured on this machine (1 thread,
+#: SmolLM2 shapes 1536x576 / 576x1536): the int4 kernel (bf16 arithmetic) costs ~0.042 ms per row,
+#: fp32 GEMM ~0.019 ms per row plus ~0.6-2 ms to dequantize; they cross near 45 rows.
+CPU_DENSE_MIN_ROWS = 48
+
+
 def _cpu_backend(mod: QuantizedLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    from compress.algos.quant import dequantize_weight
     from compress.kernels import cpu_int4
 
     wt = cpu_int4.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.bias)
+    q, s, z, g, bias = mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= CPU_DENSE_MIN_ROWS * x.shape[-1]:  # prefill: compute-bound, dense fp32 is faster
+            w = dequantize_weight(q, s, z, g).to(x.dtype)
+            return nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
         return cpu_int4.int4_matmul(x, wt)
 
     forward.packed = wt
