@@ -135,7 +135,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    out = {"model": "llama-2-7b shape, random weights", "config": LLAMA2_7B, "prompt": args.prompt,
+    out = {"model": "llama-2-7b shape, random weights", "config": LLAMA2_7B, "prompt": args.prompt, "sdpa": args.sdpa,
            "generate": args.generate, "batch": 1, "group_size": args.group_size, "symmetric": args.symmetric,
            "device": torch.cuda.get_device_name(), "variants": variants, "runs": {}, "int4": {}}
     model = random_llama(LLAMA2_7B, torch.float16, "cuda")
@@ -144,7 +144,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
     def timed(tag: str) -> None:
         for mode in modes:
             t0 = time.time()
-            r = time_generation(model, args.prompt, args.generate, 1, mode=mode, repeats=args.repeats, warmup=1)
+            r = time_generation(model, args.prompt, args.generate, 1, mode=mode, repeats=args.repeats, warmup=1,
+                                sdpa=args.sdpa)
             out["runs"][f"{tag}_{mode}"] = r
             print(f"{tag:9} {mode:10} prefill {r['prefill_ms']:8.2f} ms  decode {r['decode_ms_per_token']:7.3f} ms/token "
                   f"({r['decode_tokens_per_s']:7.1f} tok/s) tokens_match_eager={r['tokens_match_eager']} "
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"gpu: accelerate() options to time, comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--modes", default="eager,cuda_graph",
                     help="gpu: timing modes, comma list of eager, cuda_graph, compile (torch.compile + CUDA graph)")
+    ap.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn", "math"],
+                    help="gpu: attention backend for both models (default: torch's choice)")
     ap.add_argument("--profile", action="store_true",
                     help="gpu: also profile decode steps by kernel family (compiled when --modes has compile)")
     ap.add_argument("--threads", type=int, default=None)

@@ -96,11 +96,34 @@ def _run(prefill: Callable[[], None], step: Callable[[], None], tok: torch.Tenso
     return e0.elapsed_time(e1), e1.elapsed_time(e2), tokens
 
 
-@torch.inference_mode()
+SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")
+
+
 def time_generation(model: nn.Module, prompt: int, generate: int, batch: int = 1,
                     mode: str = "cuda_graph", repeats: int = 5, warmup: int = 2, seed: int = 0,
-                    ) -> dict[str, Any]:
-    """Median prefill latency and decode time per token of ``model`` on its CUDA device."""
+                    sdpa: str = "default") -> dict[str, Any]:
+    """Median prefill latency and decode time per token of ``model`` on its CUDA device.
+
+    ``sdpa``: restrict ``scaled_dot_product_attention`` to one backend for this measurement
+    (``torch.nn.attention.sdpa_kernel``, scoped to the call); "default" lets torch choose."""
+    if sdpa not in SDPA_BACKENDS:
+        raise ConfigError(f"sdpa must be one of {', '.join(SDPA_BACKENDS)}; got {sdpa!r}")
+    if sdpa == "default":
+        r = _time_generation(model, prompt, generate, batch, mode, repeats, warmup, seed)
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[sdpa]
+        with sdpa_kernel([backend]):
+            r = _time_generation(model, prompt, generate, batch, mode, repeats, warmup, seed)
+    r["sdpa"] = sdpa
+    return r
+
+
+@torch.inference_mode()
+def _time_generation(model: nn.Module, prompt: int, generate: int, batch: int, mode: str, repeats: int,
+                     warmup: int, seed: int) -> dict[str, Any]:
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if prompt <= 0 or generate <= 0 or batch <= 0 or repeats <= 0 or warmup < 0:
