@@ -9,29 +9,15 @@ shape, to pass as ``bench/e2e_decode.py --sdpa``. CUDA-graph timing of 64 calls,
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def time_us(fn, calls: int = 64, replays: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
+from compress.kernels.triton_w4a16 import graph_time_ms  # noqa: E402
 
 
 def main() -> int:
@@ -58,7 +44,7 @@ def main() -> int:
         for name, b in backends.items():
             try:
                 with sdpa_kernel([b]):
-                    row.append(f"{time_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)):10.1f}")
+                    row.append(f"{1e3 * graph_time_ms([lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)]):10.1f}")
             except RuntimeError:
                 row.append(f"{'n/a':>10}")
         print(f"{kv:>6} " + " ".join(row))
