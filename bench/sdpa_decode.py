@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.kernels.triton_w4a16 import graph_time_ms  # noqa: E402
 
 
 def main() -> int:
@@ -30,6 +29,8 @@ def main() -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from compress.kernels.triton_w4a16 import graph_time_ms  # needs triton: GPU machines only
 
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
