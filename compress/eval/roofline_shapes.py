@@ -14,36 +14,23 @@ configs kept offline), a local model folder, a ``config.json`` path, a dict, or 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from compress.adapters import ArchFacts
 from compress.errors import CompressError, ConfigError, UnsupportedModelError
 
 SHAPES_DIR = Path(__file__).with_name("model_shapes")
 
 
 @dataclass(frozen=True)
-class Arch:
-    """Per-architecture facts the FLOP/byte model needs: ``ArchFacts`` from the adapter table
-    (``compress.adapters.ADAPTERS``) plus what the adapter's layout implies (fused q/k/v, FFN key)."""
+class Arch(ArchFacts):
+    """Per-architecture facts the FLOP/byte model needs: the adapter table's ``ArchFacts`` plus what
+    the adapter's layout implies (the config key of the FFN width, fused q/k/v)."""
 
-    norm: Literal["rms", "layer"]
-    mlp: Literal["gated", "plain"]
-    #: vector FLOPs per intermediate element of the activation (silu(g)*u counts exp, add, div, mul)
-    act_flops: float
-    ffn_key: str
-    #: config key that switches q/k/v biases, and its default when absent
-    qkv_bias: tuple[str | None, bool]
-    #: config key that switches the output-projection (and MLP) biases, and its default
-    out_bias: tuple[str | None, bool]
-    mlp_bias: tuple[str | None, bool]
-    tie_default: bool
-    positions: Literal["rope", "learned"]
-    qk_norm: bool = False
+    ffn_key: str = "intermediate_size"
     fused_qkv: bool = False
-    #: parallel residual (GPT-NeoX): attention and MLP read the same input; counts are unchanged
-    parallel_residual_key: str | None = None
 
 
 def known_model_types() -> list[str]:
@@ -63,11 +50,8 @@ def architecture(model_type: str | None) -> Arch:
             f"roofline: model_type {model_type!r} is not in the adapter table; known: "
             f"{', '.join(known_model_types())} (add an Adapter with its ArchFacts to ADAPTERS in compress/adapters.py)"
         )
-    f = adapter.arch
-    return Arch(norm=f.norm, mlp=f.mlp, act_flops=f.act_flops, ffn_key=adapter.config_key("intermediate"),
-                qkv_bias=f.qkv_bias, out_bias=f.out_bias, mlp_bias=f.mlp_bias, tie_default=f.tie_default,
-                positions=f.positions, qk_norm=f.qk_norm, fused_qkv=adapter.fused_qkv,
-                parallel_residual_key=f.parallel_residual_key)
+    facts = {f.name: getattr(adapter.arch, f.name) for f in fields(ArchFacts)}
+    return Arch(**facts, ffn_key=adapter.config_key("intermediate"), fused_qkv=adapter.fused_qkv)
 
 
 @dataclass(frozen=True)
