@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import platform
 import time
@@ -29,13 +28,13 @@ from typing import Any
 import torch
 
 from compress.adapters import get_adapter
-from compress.calibration import build_calibration
 from compress.context import PassContext
-from compress.eval.perplexity import eval_text, perplexity, tokenize_stream
-from compress.modeling import load_model
+from compress.eval.perplexity import perplexity
 from compress.passes.sparse_finetune import SparseFinetune, SparseFinetuneConfig
 from compress.passes.wanda import Wanda, WandaConfig
 from compress.passes.width_prune import WidthPrune, WidthPruneConfig
+
+from bench_common import load_inputs, write_results
 
 PRUNINGS = {
     "wanda-50%": (Wanda, WandaConfig(sparsity=0.5)),
@@ -102,11 +101,8 @@ def main() -> None:
 
     t_all = time.perf_counter()
     dev = torch.device(args.device)
-    loaded = load_model(args.model, device=args.device)
-    base, tok = loaded.model, loaded.tokenizer
-    text = eval_text(args.eval_text)
-    ids = tokenize_stream(tok, text)
-    calib = build_calibration(tok, args.calibration, args.nsamples, args.calib_seqlen, seed=0, eval_texts=[text])
+    inputs = load_inputs(args.model, args.device, args.eval_text, args.calibration, args.nsamples, args.calib_seqlen)
+    base, tok, text, ids, calib = inputs.model, inputs.tokenizer, inputs.text, inputs.ids, inputs.calibration
 
     def ppl(model: torch.nn.Module) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -155,9 +151,7 @@ def main() -> None:
         rec = "-" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%"
         print(f"| {r['pruning']} | {r['loss']} | {r['dense']:.3f} | {r['pruned']:.3f} | {r['finetuned']:.3f} | {rec} | "
               f"{r['steps']} | {r['tokens']} | {r['finetune_seconds']:.0f} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import platform
 import time
@@ -18,17 +17,16 @@ import time
 import torch
 
 from compress.adapters import get_adapter
-from compress.calibration import build_calibration
 from compress.context import PassContext
-from compress.eval.perplexity import eval_text, perplexity, tokenize_stream
-from compress.modeling import load_model
-from compress.passes.gptq import GPTQ, GPTQConfig
-from compress.passes.rtn import RTN, RTNConfig
-
+from compress.eval.perplexity import perplexity
 from compress.passes.alpha_allocation import AlphaAllocation, AlphaAllocationConfig
+from compress.passes.gptq import GPTQ, GPTQConfig
 from compress.passes.magnitude import Magnitude
+from compress.passes.rtn import RTN, RTNConfig
 from compress.passes.sparsegpt import SparseGPT
 from compress.passes.wanda import Wanda
+
+from bench_common import load_inputs, write_results
 
 # name -> list of (pass class, config): pruning settings of issue 3, then quantization of issue 2
 PRUNING = {
@@ -87,12 +85,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loaded = load_model(args.model, device=args.device)
-    base, tok = loaded.model, loaded.tokenizer
+    inputs = load_inputs(args.model, args.device, args.eval_text, args.calibration, args.nsamples, args.seqlen)
+    base, tok, ids, calib = inputs.model, inputs.tokenizer, inputs.ids, inputs.calibration
     dev = torch.device(args.device)
-    text = eval_text(args.eval_text)
-    ids = tokenize_stream(tok, text)
-    calib = build_calibration(tok, args.calibration, args.nsamples, args.seqlen, seed=0, eval_texts=[text])
     rows = []
     fp = perplexity(base, tok, args.eval_text, args.seqlen, args.max_windows, ids=ids)
     rows.append({"setting": "fp32", "perplexity": fp.perplexity, "quant_seconds": 0.0, "windows": fp.windows,
@@ -131,9 +126,7 @@ def main() -> None:
         err = r.get("mean_rel_weight_error")
         print(f"| {r['setting']} | {r['perplexity']:.3f} | {r['quant_seconds']:.0f} | {r.get('sparsity', 0):.3f} | "
               f"{'-' if err is None else f'{err:.4f}'} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

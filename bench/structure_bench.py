@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import platform
 import sys
@@ -25,13 +24,13 @@ from typing import Any
 import torch
 
 from compress.adapters import get_adapter
-from compress.calibration import build_calibration
 from compress.context import PassContext
 from compress.eval.latency import measure_latency
-from compress.eval.perplexity import eval_text, perplexity, tokenize_stream
-from compress.modeling import load_model
+from compress.eval.perplexity import perplexity
 from compress.passes.depth_prune import DepthPrune, DepthPruneConfig
 from compress.passes.width_prune import WidthPrune, WidthPruneConfig, count_params
+
+from bench_common import load_inputs, write_results
 
 
 def _floats(s: str) -> list[float]:
@@ -73,11 +72,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    loaded = load_model(args.model, device=args.device)
-    base, tok = loaded.model, loaded.tokenizer
-    text = eval_text(args.eval_text)
-    ids = tokenize_stream(tok, text)
-    calib = build_calibration(tok, args.calibration, args.nsamples, args.calib_seqlen, seed=0, eval_texts=[text])
+    inputs = load_inputs(args.model, args.device, args.eval_text, args.calibration, args.nsamples, args.calib_seqlen)
+    base, tok, ids, calib = inputs.model, inputs.tokenizer, inputs.ids, inputs.calibration
 
     def latency(model) -> dict[str, Any]:
         if args.repeats <= 0:
@@ -120,9 +116,7 @@ def main() -> None:
         pf, dc = r.get("prefill_ms"), r.get("decode_ms_per_token")
         print(f"| {r['setting']} | {r['perplexity']:.3f} | {r['params'] / 1e6:.2f} | {r['prune_seconds']:.0f} | "
               f"{'-' if pf is None else f'{pf:.0f}'} | {'-' if dc is None else f'{dc:.1f}'} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_results(args.out, meta, rows)
 
 
 def _run(name: str, pass_, base, calib, score, timed: bool, dev: torch.device) -> dict[str, Any]:
