@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--eval-text", default="wikitext2", help="wikitext2 (../shared/assets) or a path to wiki.test.raw")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default: full test)")
-    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma list of " + ", ".join(SETTINGS).replace("%", "%%"))
     ap.add_argument("--list", action="store_true", help="list the settings and exit")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is far faster on a busy machine)")
     ap.add_argument("--out", default=None, help="write JSON results here")
