@@ -147,11 +147,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
             model, _ = load_quantized(folder, device=str(device), dtype=dtype)
             model.to(device)
-            report = accelerate(model, backend=args.backend, fuse=getattr(args, "fuse", True),
-                                pdl=getattr(args, "pdl", True))
+            report = accelerate(model, backend=args.backend, fuse=args.fuse, pdl=args.pdl)
             result["kernels"] = report.counts()
             result["fused_groups"] = len(report.fused)
-            if device.type == "cuda" and getattr(args, "tune", True) and args.batch <= 16 and (
+            if device.type == "cuda" and args.tune and args.batch <= 16 and (
                     {"cuda", "triton"} & set(report.layers.values())):
                 from compress.kernels import tune_triton
 

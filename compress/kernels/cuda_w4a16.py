@@ -623,8 +623,7 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
         out = torch.empty(m, n, device=x2d.device, dtype=x2d.dtype)
     elif out.shape != (m, n) or out.dtype != x2d.dtype or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {n}] {x2d.dtype} with unit column stride")
-    pdl = bool(getattr(wt, "pdl", False))
-    key = (cfg, x2d.dtype, m > 8, pdl)
+    key = (cfg, x2d.dtype, m > 8, wt.pdl)
     launchers = wt.launchers
     run = launchers.get(key)
     if run is None:
@@ -635,7 +634,7 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
             cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8))
         run = launchers[key] = Launcher(
             kern, (-(-n // (16 * cfg.nt)), 1), 32 * cfg.kw,
-            [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0], pdl)
+            [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0], wt.pdl)
     # arguments 0 x, 5 out, 6 M, 10 ldx, 11 ldo change per call; the weight's tensors do not
     run.set(0, x2d.data_ptr())
     run.set(5, out.data_ptr())

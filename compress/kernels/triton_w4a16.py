@@ -415,14 +415,9 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
         perm=None if order.perm is None else order.perm.to(torch.int32).to(device),
         bias=None if bias is None else bias.detach().to(torch.float32).to(device),
         in_features=k, out_features=n, group=order.group_size, width=width, kernel=kernel,
-        pdl=bool(pdl) and kernel == "cuda" and cuda_w4a16_pdl(device),
+        # kernel == "cuda" only when the branch above imported cuda_w4a16
+        pdl=bool(pdl) and kernel == "cuda" and cuda_w4a16.pdl_supported(device),
     )
-
-
-def cuda_w4a16_pdl(device: torch.device | str) -> bool:
-    from compress.kernels import cuda_w4a16
-
-    return cuda_w4a16.pdl_supported(device)
 
 
 def per_plane(wt: W4A16Weight) -> bool:
