@@ -585,10 +585,10 @@ def default_config(m: int, n: int, sm_count: int = 132) -> CudaConfig:
     """Config when none was tuned, fit to the H100 sweeps (docs/kernels.md): up to 8 rows of x, one
     16-row tile per warp and 256-column steps; more rows, two tiles and 128-column steps; 2, 4 or 8
     warps per block (each a slice of K), whichever brings the grid nearest 16 (8 when M > 8) warps
-    per multiprocessor (16 since programmatic dependent launch: 12 before). Within 3% of the best
-    of bench/results/kernel_bench_h100_pdl.json's sweep in 9 of its 17 shape/row-count cases, 8%
-    slower on average, 38% at worst (14336 x 4096, M = 16): ``tune`` (or ``compress bench``, which
-    tunes) is worth it."""
+    per multiprocessor (16 since programmatic dependent launch: 12 before). At M = 1 it is within 1%
+    of the tuned best on 4096^2, 4096 x 11008 and 8192^2 but 14-29% slower on the tall shapes
+    (11008, 14336, 12288 and 22016 rows; the "untuned default" column of ``bench/kernel_bench.py``,
+    docs/kernels.md): ``tune`` (or ``compress bench``, which tunes) is worth it."""
     nt, kc, per_sm = (2, 1, 8) if m > 8 else (1, 2, 16)
     blocks = -(-n // (16 * nt))
     kw = min((2, 4, 8), key=lambda k: abs(math.log(blocks * k / (per_sm * sm_count))))

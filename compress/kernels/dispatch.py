@@ -110,9 +110,12 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int, pdl: bool = 
 
 
 #: CPU: from this many activation rows on (prefill), dequantize the layer to float32 once per call
-#: and multiply densely instead of running the int4 kernel. Measured on this machine (1 thread,
-#: SmolLM2 shapes 1536x576 / 576x1536): the int4 kernel (bf16 arithmetic) costs ~0.042 ms per row,
-#: fp32 GEMM ~0.019 ms per row plus ~0.6-2 ms to dequantize; they cross near 45 rows.
+#: and multiply densely instead of running the int4 kernel. Timed once on this machine with a
+#: throw-away script (1 thread, SmolLM2 shapes 1536x576 / 576x1536): the int4 kernel (bf16
+#: arithmetic) costs ~0.042 ms per row, the fp32 GEMM ~0.019 ms per row plus the dequantization,
+#: ~0.6-2 ms when this threshold was set (crossing near 45 rows) and 0.3-0.4 ms since
+#: ``dequantize_weight`` works in place (crossing near 15 rows: a lower threshold would suit
+#: batched decode; not re-measured end to end). Prefill at 128 and 512 tokens: docs/kernels.md.
 CPU_DENSE_MIN_ROWS = 48
 
 
