@@ -333,6 +333,43 @@ def test_accelerate_stacks_qkv_and_gate_up_into_one_launch(monkeypatch):
         assert torch.equal(model.get_submodule(n).qweight, codes[n]), n
 
 
+
+def test_stacked_projections_trace_under_torch_compile_in_one_graph(monkeypatch):
+    """Dynamo traces the members' bookkeeping without graph breaks and keeps one matmul per group:
+    9 linear nodes for 2 blocks (q/k/v, o, gate/up, down each, and lm_head) instead of 15."""
+    from types import SimpleNamespace
+
+    from compress.kernels import dispatch
+
+    def fake_backend(mod, large_m, width, pdl=True):
+        w = mod.dequantize()
+
+        def forward(x):
+            return nn.functional.linear(x, w.to(x.dtype))
+        forward.packed = SimpleNamespace(kernel="cuda", restore_codes=mod.qweight.clone)
+        forward.restore_codes = forward.packed.restore_codes
+        return forward
+
+    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
+    monkeypatch.setattr(dispatch, "_choose", lambda mod, *a: ("triton", "GPU W4A16"))
+    monkeypatch.setattr(dispatch, "_triton_backend", fake_backend)
+    model = tiny_quantized_model()
+    ids = torch.randint(0, 256, (1, 9))
+    linears = []
+
+    def count(gm, example_inputs):
+        linears.append(sum(1 for node in gm.graph.nodes if "linear" in str(node.target)))
+        return gm.forward
+
+    with torch.no_grad():
+        ref = model(ids).logits
+        accelerate(model, backend="triton")
+        torch._dynamo.reset()
+        got = torch.compile(model, backend=count, fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    assert linears == [9]
+    assert rel_err(got, ref) < 1e-6
+
 def test_fused_group_recomputes_for_a_changed_input():
     from compress.kernels.fused import FusedGroup
 
