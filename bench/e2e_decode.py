@@ -18,6 +18,7 @@ RTN INT4 layers on torch's CPU int4 kernel; eager timing with ``compress.eval.la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -70,6 +71,8 @@ def logits_check(model: nn.Module, vocab: int) -> float:
             m.set_backend(saved[n])
     return float((fast - ref).norm() / ref.norm())
 
+
+MODES = ("eager", "cuda_graph", "compile", "compile_pdl")  # compile_pdl: Inductor's kernels with PDL too
 
 VARIANTS = {  # name -> accelerate() options
     "fused_pdl": dict(fuse=True, pdl=True),  # the default of accelerate
@@ -129,23 +132,33 @@ def print_profile(tag: str, prof: dict) -> None:
 
 
 def run_gpu(args: argparse.Namespace) -> dict:
-    from compress.kernels.gpu_timing import random_llama, time_generation
+    from compress.kernels.gpu_timing import inductor_pdl_scope, random_llama, time_generation
 
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    out = {"model": "llama-2-7b shape, random weights", "config": LLAMA2_7B, "prompt": args.prompt, "sdpa": args.sdpa,
+    config = {**LLAMA2_7B, "num_hidden_layers": args.layers or LLAMA2_7B["num_hidden_layers"]}
+    out = {"model": "llama-2-7b shape, random weights", "config": config, "prompt": args.prompt, "sdpa": args.sdpa, "attn": args.attn,
            "generate": args.generate, "batch": 1, "group_size": args.group_size, "symmetric": args.symmetric,
            "device": torch.cuda.get_device_name(), "variants": variants, "runs": {}, "int4": {}}
-    model = random_llama(LLAMA2_7B, torch.float16, "cuda")
+    model = random_llama(config, torch.float16, "cuda", attn_implementation=args.attn)
     modes = tuple(m for m in args.modes.split(",") if m)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+
+    def profile() -> dict:
+        # profile what the last compiled mode compiled (with Inductor's PDL when that mode ran)
+        compiled = next((m for m in reversed(modes) if m.startswith("compile")), None)
+        with inductor_pdl_scope("compile") if compiled == "compile_pdl" else contextlib.nullcontext():
+            return kernel_profile(model, args.prompt, compiled is not None)
 
     def timed(tag: str) -> None:
         for mode in modes:
             t0 = time.time()
-            r = time_generation(model, args.prompt, args.generate, 1, mode=mode, repeats=args.repeats, warmup=1,
-                                sdpa=args.sdpa)
+            r = time_generation(model, args.prompt, args.generate, 1, mode=mode.removesuffix("_pdl"),
+                                repeats=args.repeats, warmup=1, sdpa=args.sdpa, inductor_pdl=mode == "compile_pdl")
             out["runs"][f"{tag}_{mode}"] = r
             print(f"{tag:9} {mode:10} prefill {r['prefill_ms']:8.2f} ms  decode {r['decode_ms_per_token']:7.3f} ms/token "
                   f"({r['decode_tokens_per_s']:7.1f} tok/s) tokens_match_eager={r['tokens_match_eager']} "
@@ -153,7 +166,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
 
     timed("fp16")
     if args.profile:
-        out["profile_fp16"] = kernel_profile(model, args.prompt, "compile" in modes)
+        out["profile_fp16"] = profile()
         print_profile("fp16", out["profile_fp16"])
     out["quantize_lm_head"] = args.quantize_lm_head
     out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric,
@@ -183,7 +196,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
               f"{info['allocated_gib']:.2f} GiB", flush=True)
         timed(f"int4_{variant}")
         if args.profile:
-            info["profile"] = kernel_profile(model, args.prompt, "compile" in modes)
+            info["profile"] = profile()
             print_profile(f"int4_{variant}", info["profile"])
         for mode in modes:
             f, q = out["runs"][f"fp16_{mode}"], out["runs"][f"int4_{variant}_{mode}"]
@@ -246,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="fused_pdl,plain",
                     help=f"gpu: accelerate() options to time, comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--modes", default="eager,cuda_graph",
-                    help="gpu: timing modes, comma list of eager, cuda_graph, compile (torch.compile + CUDA graph)")
+                    help="gpu: timing modes, comma list of eager, cuda_graph, compile (torch.compile + CUDA graph), "
+                         "compile_pdl (the same with Inductor's kernels launched with PDL, sm_90+)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="gpu: decoder layers (default: Llama-2-7B's 32; fewer for quicker A/B runs under compile)")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
+                    help="gpu: transformers attention implementation (both models; default: sdpa)")
     ap.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn", "math"],
                     help="gpu: attention backend for both models (default: torch's choice)")
     ap.add_argument("--profile", action="store_true",
@@ -272,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "gpu":
         for v, info in result["int4"].items():
             print(f"decode speedup int4 ({v})/fp16: " + ", ".join(
-                f"{m} {info[f'decode_speedup_{m}']:.2f}x" for m in ("compile", "cuda_graph", "eager")
-                if f"decode_speedup_{m}" in info))
+                f"{m} {info[f'decode_speedup_{m}']:.2f}x" for m in MODES if f"decode_speedup_{m}" in info))
     return 0
 
 

@@ -50,31 +50,9 @@ def _fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
 
 def graph_ms(fns: list[Callable[[], Any]], replays: int = 10) -> float:
     """Milliseconds per call of ``fns`` (each called once, in order) captured in one CUDA graph."""
-    import torch
+    from compress.kernels.gpu_timing import graph_time_ms
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS handles, kernel selection
-        for f in fns[: min(len(fns), 4)]:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
-    del g
-    return statistics.median(times) / len(fns)
+    return graph_time_ms(fns, calls=len(fns), replays=replays)
 
 
 def _views(buf: Any, shape: tuple[int, ...], count: int) -> list[Any]:

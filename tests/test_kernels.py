@@ -461,6 +461,16 @@ def test_bench_rejects_bad_numbers(tmp_path):
     args = parser.parse_args(["bench", str(tmp_path), "--generate", "0"])
     with pytest.raises(CompressError, match="generate"):
         bench.run_bench(args)
+    args = parser.parse_args(["bench", str(tmp_path), "--inductor-pdl"])  # needs --mode compile
+    with pytest.raises(CompressError, match="--inductor-pdl needs --mode compile"):
+        bench.run_bench(args)
+
+
+def test_inductor_pdl_only_applies_to_compiled_timing():
+    from compress.kernels.gpu_timing import inductor_pdl_scope
+
+    with pytest.raises(ConfigError, match="mode='compile' only"):
+        inductor_pdl_scope("cuda_graph")
 
 
 # ---------------------------------------------------------------- GPU: Triton W4A16 kernel
@@ -729,3 +739,26 @@ def test_torch_compile_runs_the_kernels_as_a_custom_op():
     assert rel_err(got, ref) < 1e-2
     r = time_generation(model, prompt=16, generate=6, mode="compile", repeats=1, warmup=1)
     assert r["tokens_match_eager"] and r["decode_ms_per_token"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0), reason="needs an sm_90+ GPU")
+def test_inductor_pdl_chains_its_kernels_with_ours_correctly():
+    # Inductor's kernels launched with PDL wait on the device before reading what our kernel wrote
+    # (and ours waits before reading theirs): same logits as eager, and the code really uses PDL.
+    from torch._inductor.utils import run_and_get_code
+
+    from compress.kernels.gpu_timing import inductor_pdl_scope, time_generation
+
+    model = tiny_quantized_model(device="cuda").half()
+    accelerate(model)
+    ids = torch.randint(0, 256, (1, 12), device="cuda")
+    with torch.inference_mode():
+        ref = model(ids).logits
+        torch._dynamo.reset()
+        with inductor_pdl_scope("compile"):
+            got, code = run_and_get_code(lambda: torch.compile(model, dynamic=False)(ids).logits)
+    assert "gdc_wait" in "".join(code)
+    assert rel_err(got, ref) < 1e-2
+    r = time_generation(model, prompt=16, generate=6, mode="compile", repeats=1, warmup=1, inductor_pdl=True)
+    assert r["tokens_match_eager"] and r["inductor_pdl"] and r["decode_ms_per_token"] > 0

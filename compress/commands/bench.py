@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="GPU: one launch per quantized layer (default: q/k/v and gate/up stacked into one launch each)")
     r.add_argument("--no-pdl", dest="pdl", action="store_false",
                    help="GPU: plain kernel launches (default: programmatic dependent launch on sm_90+)")
+    r.add_argument("--inductor-pdl", action="store_true",
+                   help="with --mode compile on sm_90+: Inductor's kernels launched with programmatic dependent "
+                        "launch too (both models; torch's default is off)")
     r.add_argument("--no-tune", dest="tune", action="store_false",
                    help="GPU: skip timing the kernel configs for the decode batch (about a second per layer shape)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
@@ -105,7 +108,7 @@ def _measure(model, args: argparse.Namespace, device) -> dict[str, Any]:
         from compress.kernels.gpu_timing import time_generation
 
         return time_generation(model, args.prompt, args.generate, args.batch, mode=args.mode,
-                               repeats=args.repeats, warmup=args.warmup)
+                               repeats=args.repeats, warmup=args.warmup, inductor_pdl=args.inductor_pdl)
     from compress.eval.latency import measure_latency
 
     r = measure_latency(model, args.prompt, args.generate, args.batch, repeats=args.repeats,
@@ -121,6 +124,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CompressError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.warmup < 0:
         raise CompressError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.inductor_pdl and args.mode != "compile":
+        raise CompressError(f"--inductor-pdl needs --mode compile, got --mode {args.mode}")
     if args.threads is not None and args.threads <= 0:
         raise CompressError(f"--threads must be positive, got {args.threads}")
 
@@ -134,13 +139,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     _check_args(args)
     device = resolve_device(args.device)
+    if args.inductor_pdl and device.type != "cuda":
+        raise CompressError(f"--inductor-pdl needs a CUDA device, got {device}")
     dtype = (torch.float16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
         else getattr(torch, args.dtype)
     folder = Path(args.checkpoint)
     quantized = _is_quantized(folder)
     result: dict[str, Any] = {"checkpoint": str(folder), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                               "batch": args.batch, "prompt": args.prompt, "generate": args.generate,
-                              "torch": torch.__version__, "threads": torch.get_num_threads()}
+                              "torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "inductor_pdl": args.inductor_pdl}
     with torch.inference_mode():
         if quantized:
             from compress.formats import load_quantized

@@ -109,14 +109,13 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int, pdl: bool = 
     return forward
 
 
-#: CPU: from this many activation rows on (prefill), dequantize the layer to float32 once per call
-#: and multiply densely instead of running the int4 kernel. Timed once on this machine with a
-#: throw-away script (1 thread, SmolLM2 shapes 1536x576 / 576x1536): the int4 kernel (bf16
-#: arithmetic) costs ~0.042 ms per row, the fp32 GEMM ~0.019 ms per row plus the dequantization,
-#: ~0.6-2 ms when this threshold was set (crossing near 45 rows) and 0.3-0.4 ms since
-#: ``dequantize_weight`` works in place (crossing near 15 rows: a lower threshold would suit
-#: batched decode; not re-measured end to end). Prefill at 128 and 512 tokens: docs/kernels.md.
-CPU_DENSE_MIN_ROWS = 48
+#: CPU: from this many activation rows on (prefill, larger batches), dequantize the layer to float32
+#: once per call and multiply densely instead of running the int4 kernel (bf16 arithmetic). The int4
+#: kernel costs ~0.043 ms per row on SmolLM2's 1536x576 layer, the fp32 GEMM ~0.02 ms per row plus
+#: ~0.35 ms of dequantization; summed over one SmolLM2 block the two cross between 18 and 20 rows
+#: (``python bench/cpu_crossover.py``, 1 thread, docs/kernels.md). Was 48 before ``dequantize_weight``
+#: worked in place (dequantization then cost 0.6-2 ms).
+CPU_DENSE_MIN_ROWS = 20
 
 
 def _cpu_backend(mod: QuantizedLinear) -> Callable[[torch.Tensor], torch.Tensor]:

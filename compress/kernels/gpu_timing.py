@@ -11,7 +11,12 @@ in between. The prefill (which zeroes the cache length first, inside the graph) 
 ``mode="compile"`` first compiles the model with ``torch.compile`` (Inductor, fixed shapes; the
 W4A16 kernels enter as the opaque custom op ``compress::w4a16_linear``), then captures the compiled
 steps in CUDA graphs as ``cuda_graph`` does; its ``tokens_match_eager`` compares the compiled model
-replayed in the graph with the same compiled model run without one.
+replayed in the graph with the same compiled model run without one. ``inductor_pdl=True`` (compile
+mode, sm_90+) also has Inductor emit its Triton kernels with programmatic dependent launch
+(``torch._inductor.config.triton.enable_pdl``, off by default in torch): each fused elementwise
+kernel then launches while the kernel before it drains and waits on the device (``gdc_wait``) before
+touching its inputs, so the launch gaps between the W4A16 kernels (which use PDL themselves) and
+Inductor's kernels shrink.
 
 Timing uses CUDA events around the enqueued work; numbers are medians over ``repeats`` after
 ``warmup`` untimed runs. The captured run is checked against the eager run: both must produce the
@@ -24,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 from typing import Any, Callable
 
@@ -36,14 +42,14 @@ MODES = ("eager", "cuda_graph", "compile")
 
 
 def random_llama(config: dict[str, Any], dtype: torch.dtype = torch.float16, device: str = "cuda",
-                 seed: int = 0) -> nn.Module:
+                 seed: int = 0, attn_implementation: str = "sdpa") -> nn.Module:
     """A Llama-architecture model with random weights from a config dict (no download)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(**config)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval()
 
 
@@ -96,29 +102,76 @@ def _run(prefill: Callable[[], None], step: Callable[[], None], tok: torch.Tenso
     return e0.elapsed_time(e1), e1.elapsed_time(e2), tokens
 
 
+def graph_time_ms(fns: list[Callable[[], Any]], calls: int = 64, replays: int = 5) -> float:
+    """Median device time of one call, with ``calls`` calls captured
+    in one CUDA graph, cycling over ``fns`` (e.g. callables on different weight copies, so that a
+    weight smaller than L2 is not served from it): no host launch overhead, as in graph-captured
+    decode. Used by kernel tuning and every GPU benchmark, so that they all time the same way."""
+    side = torch.cuda.Stream()  # warm-up off the capture stream: cuBLAS handles, kernel selection
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
 SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")
 
 
 def time_generation(model: nn.Module, prompt: int, generate: int, batch: int = 1,
                     mode: str = "cuda_graph", repeats: int = 5, warmup: int = 2, seed: int = 0,
-                    sdpa: str = "default") -> dict[str, Any]:
+                    sdpa: str = "default", inductor_pdl: bool = False) -> dict[str, Any]:
     """Median prefill latency and decode time per token of ``model`` on its CUDA device.
 
     ``sdpa``: restrict ``scaled_dot_product_attention`` to one backend for this measurement
-    (``torch.nn.attention.sdpa_kernel``, scoped to the call); "default" lets torch choose."""
+    (``torch.nn.attention.sdpa_kernel``, scoped to the call); "default" lets torch choose.
+    ``inductor_pdl``: with ``mode="compile"``, compile with Inductor's programmatic dependent launch
+    (scoped to the call; see the module docstring)."""
     if sdpa not in SDPA_BACKENDS:
         raise ConfigError(f"sdpa must be one of {', '.join(SDPA_BACKENDS)}; got {sdpa!r}")
-    if sdpa == "default":
-        r = _time_generation(model, prompt, generate, batch, mode, repeats, warmup, seed)
-    else:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    with contextlib.ExitStack() as scope:
+        if sdpa != "default":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[sdpa]
-        with sdpa_kernel([backend]):
-            r = _time_generation(model, prompt, generate, batch, mode, repeats, warmup, seed)
+            backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                       "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[sdpa]
+            scope.enter_context(sdpa_kernel([backend]))
+        if inductor_pdl:
+            scope.enter_context(inductor_pdl_scope(mode))
+        r = _time_generation(model, prompt, generate, batch, mode, repeats, warmup, seed)
     r["sdpa"] = sdpa
+    r["inductor_pdl"] = inductor_pdl
     return r
+
+
+def inductor_pdl_scope(mode: str) -> contextlib.AbstractContextManager:
+    """``torch._inductor.config`` patched to emit programmatic dependent launches, or a clear error
+    where that cannot apply (another mode, a torch without the option, a GPU before sm_90)."""
+    if mode != "compile":
+        raise ConfigError(f"inductor_pdl applies to mode='compile' only, got mode={mode!r}")
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        raise ConfigError(f"torch {torch.__version__} has no torch._inductor.config.triton.enable_pdl")
+    if torch.cuda.get_device_capability() < (9, 0):
+        raise ConfigError("programmatic dependent launch needs compute capability >= 9.0 (Hopper)")
+    return inductor_config.patch({"triton.enable_pdl": True})
 
 
 @torch.inference_mode()

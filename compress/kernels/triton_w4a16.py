@@ -38,15 +38,15 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from compress.kernels import layout
+from compress.kernels.gpu_timing import graph_time_ms  # noqa: F401 (benches call it from here)
 
 log = logging.getLogger(__name__)
 
@@ -595,30 +595,6 @@ def candidate_configs(m: int, n: int, n_blocks: int, width: int = layout.PLANE_W
         for split in splits:
             out.append(KernelConfig(16, bn, split, True, True, 4, 2))
     return out
-
-
-def graph_time_ms(fns: list[Callable[[], Any]], calls: int = 64, replays: int = 5) -> float:
-    """Median device time of one call, with the calls captured in a CUDA graph (no host launch
-    overhead, as in graph-captured decode) and cycling over ``fns`` (callables on different weight
-    copies, so that a weight smaller than L2 is not served from it)."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
-    return statistics.median(times)
 
 
 def copies_for(nbytes: int, l2_bytes: int = 50 * 2**20) -> int:

@@ -1,0 +1,71 @@
+"""CPU: where dequantize + dense fp32 overtakes torch's int4 kernel, by activation rows.
+
+``compress.kernels.dispatch.CPU_DENSE_MIN_ROWS`` switches a CPU INT4 layer from the int4 kernel
+(bf16 arithmetic, memory-light) to dequantizing its weight to float32 for the call and running a
+dense GEMM (compute-bound shapes). This times both per layer shape and row count, one thread by
+default, RTN INT4 weights with group 64 (the SmolLM2 default run), median of ``--repeats`` calls.
+
+    python bench/cpu_crossover.py                       # SmolLM2-135M shapes, 1 thread
+    python bench/cpu_crossover.py --shapes 11008x4096 --rows 8,16,32 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize  # noqa: E402
+from compress.kernels import cpu_int4  # noqa: E402
+
+
+def median_ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="1536x576,576x1536,576x576,192x576", help="out x in, comma list")
+    ap.add_argument("--rows", default="1,4,8,12,16,18,20,22,24,32,48", help="activation rows, comma list")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args(argv)
+    ok, why = cpu_int4.available()
+    if not ok:
+        raise SystemExit(f"torch's CPU int4 kernel is unavailable here: {why}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"torch {torch.__version__}, {args.threads} thread(s), group {args.group_size}; ms per call, "
+          "int4 kernel / dequantize + dense fp32 (* = dense faster)")
+    print(f"{'out x in':>11} " + " ".join(f"{'M=' + str(m):>15}" for m in rows))
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        q, s, z = rtn_quantize(torch.randn(n, k) * 0.02, 4, args.group_size, False)
+        g = default_g_idx(k, args.group_size)
+        wt = cpu_int4.repack(q, s, z, g, 4, None)
+        cells = []
+        for m in rows:
+            x = torch.randn(m, k)
+            a = median_ms(lambda: cpu_int4.int4_matmul(x, wt), args.repeats)
+            b = median_ms(lambda: torch.nn.functional.linear(x, dequantize_weight(q, s, z, g)), args.repeats)
+            cells.append(f"{a:6.3f}/{b:6.3f}{'*' if b < a else ' '}")
+        print(f"{shape:>11} " + " ".join(f"{c:>15}" for c in cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
