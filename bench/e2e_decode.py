@@ -32,7 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.adapters import set_submodule  # noqa: E402
-from compress.algos.quant import default_g_idx, rtn_quantize  # noqa: E402
+from compress.algos.quant import default_g_idx, rtn_quantize, rtn_quantize_permuted  # noqa: E402
 from compress.kernels import accelerate, tune_triton  # noqa: E402
 from compress.kernels.dispatch import packed_weights  # noqa: E402
 from compress.nn.qlinear import QuantizedLinear  # noqa: E402
@@ -42,15 +42,25 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 SMOLLM2 = str(Path.home() / ".cache/compress/models/HuggingFaceTB--SmolLM2-135M-Instruct")
 
 
-def quantize_linears(model: nn.Module, group_size: int, symmetric: bool, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace each nn.Linear (except ``skip``) by an RTN-quantized QuantizedLinear, in place."""
+def quantize_linears(model: nn.Module, group_size: int, symmetric: bool, skip: tuple[str, ...] = ("lm_head",),
+                     act_order: bool = False) -> int:
+    """Replace each nn.Linear (except ``skip``) by an RTN-quantized QuantizedLinear, in place. With
+    ``act_order`` the groups follow a random column permutation per input, shared by the layers that
+    read the same input (q/k/v; gate/up), as GPTQ's act-order gives them: timing only (RTN numerics)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] not in skip]
+    gen = torch.Generator().manual_seed(0)
+    perms: dict[tuple, torch.Tensor] = {}
     for name in names:
         lin = model.get_submodule(name)
-        q, s, z = rtn_quantize(lin.weight.data, 4, group_size, symmetric)
-        g = default_g_idx(lin.in_features, group_size, device=q.device)
+        if act_order:
+            site = (name.rsplit(".", 1)[0], lin.in_features, name.endswith(("o_proj", "down_proj")))
+            perm = perms.setdefault(site, torch.randperm(lin.in_features, generator=gen))
+            q, s, z, g = rtn_quantize_permuted(lin.weight.data, 4, group_size, symmetric, perm)
+        else:
+            q, s, z = rtn_quantize(lin.weight.data, 4, group_size, symmetric)
+            g = default_g_idx(lin.in_features, group_size, device=q.device)
         bias = None if lin.bias is None else lin.bias.data
-        ql = QuantizedLinear.from_codes(q, s.to(lin.weight.dtype), z, g, 4, group_size, symmetric, bias)
+        ql = QuantizedLinear.from_codes(q, s.to(lin.weight.dtype), z, g, 4, group_size, symmetric, bias, act_order)
         set_submodule(model, name, ql)
         del lin
     return len(names)
@@ -169,8 +179,10 @@ def run_gpu(args: argparse.Namespace) -> dict:
         out["profile_fp16"] = profile()
         print_profile("fp16", out["profile_fp16"])
     out["quantize_lm_head"] = args.quantize_lm_head
+    out["act_order"] = args.act_order
     out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric,
-                                               skip=() if args.quantize_lm_head else ("lm_head",))
+                                               skip=() if args.quantize_lm_head else ("lm_head",),
+                                               act_order=args.act_order)
     torch.cuda.empty_cache()
     for variant in variants:
         t0 = time.time()
@@ -271,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="gpu: also profile decode steps by kernel family (compiled when --modes has compile)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--with-fallback", action="store_true", help="cpu: also time the dequantize fallback")
+    ap.add_argument("--act-order", action="store_true",
+                    help="gpu: act-order layers (groups along a random column permutation per input, RTN)")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="also quantize lm_head (cpu: unties it from the fp32 embedding)")
     ap.add_argument("--out", default=None)

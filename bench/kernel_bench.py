@@ -12,7 +12,12 @@ replays):
   ``ours_nopdl``: the best config launched without programmatic dependent launch (on sm_90+ ``ours``
   lets each call's weight copies start while the previous call finishes, as consecutive layers do);
 - ``triton``: the Triton kernel (plane width 16) with its default config, the previous path;
-- ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, g128), as a reference row;
+- ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, g128), as a reference row (not with
+  ``--act-order``: its groups must be contiguous);
+- with ``--act-order`` (groups along a random column permutation, as GPTQ's desc_act writes them):
+  ``ours`` is the default route (``cuda_w4a16.GATHER_MAX_ROWS``), ``ours_kernel_gather`` gathers the
+  activations inside the kernel, ``ours_index_select`` launches ``index_select`` first and runs the
+  kernel on activations already in group order (both with the tuned config);
 - for M > 16: ``ours`` is the public path, dequantize (CUDA kernel) + cuBLAS.
 
 Achieved GB/s counts the bytes each method must read or write once: weights (int4 codes + fp16
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize  # noqa: E402
+from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize, rtn_quantize_permuted  # noqa: E402
 from compress.kernels import cuda_w4a16 as cw  # noqa: E402
 from compress.kernels import triton_w4a16 as tw  # noqa: E402
 
@@ -79,26 +84,31 @@ def tinygemm_setup(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gs: int):
     return packed, sz
 
 
-def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy_gbps: float) -> list[dict]:
+def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy_gbps: float,
+              act_order: bool = False) -> list[dict]:
     torch.manual_seed(n * 7 + k)
     w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
-    q, s, z = rtn_quantize(w, 4, gs, symmetric)
+    if act_order:
+        q, s, z, g = rtn_quantize_permuted(w, 4, gs, symmetric, torch.randperm(k))
+    else:
+        q, s, z = rtn_quantize(w, 4, gs, symmetric)
+        g = default_g_idx(k, gs, device="cuda")
     s = s.to(torch.float16)
-    g = default_g_idx(k, gs, device="cuda")
     wref = dequantize_weight(q, s, z, g).double()
     wdq16 = wref.to(torch.float16)  # the fp16 baseline multiplies the same (dequantized) weight
-    try:
-        tg = tinygemm_setup(q.int(), s, z, gs)
-    except Exception as e:  # a torch build without the CUDA int4 kernel: leave the row out
-        print(f"tinygemm unavailable: {e}", flush=True)
-        tg = None
+    tg = None
+    if not act_order:
+        try:
+            tg = tinygemm_setup(q.int(), s, z, gs)
+        except Exception as e:  # a torch build without the CUDA int4 kernel: leave the row out
+            print(f"tinygemm unavailable: {e}", flush=True)
     wt = tw.repack(q, s, z, g, 4, symmetric, None, "cuda", kernel="cuda")
     wtt = tw.repack(q, s, z, g, 4, symmetric, None, "cuda", width=16, kernel="triton")
     rows = []
     for m in batches:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         ref = x.double() @ wref.t()
-        row = {"out": n, "in": k, "batch": m, "group_size": gs, "symmetric": symmetric}
+        row = {"out": n, "in": k, "batch": m, "group_size": gs, "symmetric": symmetric, "act_order": act_order}
         t0 = time.time()
         if m <= 16:
             best, sweep = tw.tune(wt, m)
@@ -132,6 +142,10 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
                 t["ours_nopdl"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, best) for c in copies4])
                 for c in copies4:
                     c.pdl = True
+            if wt.perm is not None:  # act-order: both places to gather x, the tuned config
+                for key, gather in (("ours_kernel_gather", True), ("ours_index_select", False)):
+                    t[key] = tw.graph_time_ms([lambda c=c, g=gather: cw.matmul(x, c, best, in_kernel_gather=g)
+                                               for c in copies4])
             del copies4
             copiest = [wtt] + [wtt.clone() for _ in range(ncopy - 1)]
             t["triton"] = tw.graph_time_ms([lambda c=c: tw.launch(x, c, tcfg) for c in copiest])
@@ -147,7 +161,8 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
         del copies16
         act = m * k * 2 + m * n * 2
         ours_bytes = wt.nbytes() + act + (n * k * 4 if m > 16 else 0)  # + writing and reading W for dequant
-        nbytes = {"fp16": n * k * 2 + act, "ours": ours_bytes, "ours_default": ours_bytes, "ours_nopdl": ours_bytes,
+        nbytes = {"fp16": n * k * 2 + act, "ours": ours_bytes, "ours_default": ours_bytes, "ours_nopdl": ours_bytes, "ours_index_select": ours_bytes,
+                  "ours_kernel_gather": ours_bytes,
                   "triton": wtt.nbytes() + act, "tinygemm": n * k // 2 + wt.n_groups * n * 4 + act}
         row["us"] = {key: v * 1e3 for key, v in t.items()}
         row["gbps"] = {key: nbytes[key] / (t[key] * 1e6) for key in t}
@@ -168,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/kernel_bench.json")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--symmetric", action="store_true")
+    ap.add_argument("--act-order", action="store_true",
+                    help="groups along a random column permutation (GPTQ desc_act): times the in-kernel gather "
+                         "against a separate index_select launch")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--large-m", default="512", help="extra prefill-sized batches (comma list, '' for none)")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x8192 (default: the five Llama shapes)")
@@ -187,17 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for n, k in shapes:
-        result["rows"] += run_shape(n, k, args.group_size, args.symmetric, batches, result["copy_gbps"])
+        result["rows"] += run_shape(n, k, args.group_size, args.symmetric, batches, result["copy_gbps"], args.act_order)
         out.write_text(json.dumps(result, indent=1))  # partial results survive a timeout
     result["seconds"] = time.time() - t0
     out.write_text(json.dumps(result, indent=1))
-    print("\nshape          M  fp16_us ours_us  x_fp16  GB/s  default_x triton_x tinygemm_x  err")
+    extra = "in_kernel_x index_select_x" if args.act_order else "tinygemm_x"
+    print(f"\nshape          M  fp16_us ours_us  x_fp16  GB/s  default_x triton_x {extra}  err")
     nan = float("nan")
     for r in result["rows"]:
         sp = r["speedup_vs_fp16"]
         print(f"{r['out']:>6}x{r['in']:<6} {r['batch']:>3} {r['us']['fp16']:7.1f} {r['us']['ours']:7.1f} "
               f"{sp['ours']:6.2f} {r['gbps']['ours']:6.0f} {sp.get('ours_default', nan):8.2f} {sp.get('triton', nan):8.2f} "
-              f"{sp.get('tinygemm', nan):8.2f}  {r['err_ours_best']:.1e}")
+              + (f"{sp.get('ours_kernel_gather', nan):11.2f} {sp.get('ours_index_select', nan):14.2f}" if args.act_order
+                 else f"{sp.get('tinygemm', nan):8.2f}") + f"  {r['err_ours_best']:.1e}")
     big = [r["speedup_vs_fp16"]["ours"] for r in result["rows"] if r["batch"] == 1 and r["out"] * r["in"] > 4096 * 4096]
     if big:
         print(f"batch-1 speedup on the larger shapes: median {statistics.median(big):.2f}x")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from compress.adapters import set_submodule
-from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize
+from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize, rtn_quantize_permuted
 from compress.errors import CompressError, ConfigError
 from compress.kernels import accelerate, cpu_int4, layout
 from compress.nn.qlinear import QuantizedLinear
@@ -180,18 +180,27 @@ def test_cpu_int4_refuses_unsupported_group():
 
 # ---------------------------------------------------------------- dispatch
 
-def tiny_quantized_model(gs: int = 64, device: str = "cpu"):
+def tiny_quantized_model(gs: int = 64, device: str = "cpu", act_order: bool = False):
+    """A 2-block Llama with RTN INT4 layers; with act_order, groups follow a random column
+    permutation per input (q/k/v share one, gate/up another, as GPTQ's act-order gives layers that
+    see the same Hessian)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=256)
     model = LlamaForCausalLM(cfg).eval()
+    perms: dict[tuple, torch.Tensor] = {}
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and name != "lm_head":
-            q, s, z = rtn_quantize(mod.weight.data, 4, gs, False)
-            set_submodule(model, name, QuantizedLinear.from_codes(
-                q, s, z, default_g_idx(mod.in_features, gs), 4, gs, False))
+            if act_order:
+                site = (name.rsplit(".", 1)[0], mod.in_features, name.endswith("o_proj"))
+                perm = perms.setdefault(site, torch.randperm(mod.in_features))
+                q, s, z, g = rtn_quantize_permuted(mod.weight.data, 4, gs, False, perm)
+            else:
+                q, s, z = rtn_quantize(mod.weight.data, 4, gs, False)
+                g = default_g_idx(mod.in_features, gs)
+            set_submodule(model, name, QuantizedLinear.from_codes(q, s, z, g, 4, gs, False, act_order=act_order))
     return model.to(device)
 
 
@@ -739,6 +748,55 @@ def test_torch_compile_runs_the_kernels_as_a_custom_op():
     assert rel_err(got, ref) < 1e-2
     r = time_generation(model, prompt=16, generate=6, mode="compile", repeats=1, warmup=1)
     assert r["tokens_match_eager"] and r["decode_ms_per_token"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_act_order_batch1_decode_launches_no_gather_kernel():
+    # GPTQ act-order layers at one row of x: the CUDA kernel reads x[..., perm] itself, so the
+    # step launches exactly the kernels a model without act-order does; more rows gather first.
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 256, (1, 12), device="cuda")
+    kernels = {}
+    for act_order in (False, True):
+        model = tiny_quantized_model(device="cuda", act_order=act_order).half()
+        with torch.inference_mode():
+            ref, ref1 = model(ids).logits, model(ids[:, :1]).logits  # the dequantize path
+            report = accelerate(model)
+            assert len(report.fused) == 4 and set(report.layers.values()) == {"cuda"}
+            got, got1 = model(ids).logits, model(ids[:, :1]).logits
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(ids[:, :1])
+                torch.cuda.synchronize()
+        kernels[act_order] = sorted(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        assert rel_err(got, ref) < 1e-2 and rel_err(got1, ref1) < 1e-2, act_order
+    assert sum("w4a16_mma" in k for k in kernels[True]) == 8  # 2 blocks x (q/k/v, o, gate/up, down)
+    assert len(kernels[True]) == len(kernels[False]), set(kernels[True]) ^ set(kernels[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_act_order_gather_is_a_graph_op_under_torch_compile(monkeypatch):
+    # Under torch.compile the gather x[..., perm] is left to Inductor and every kernel call is told
+    # that x is already in group order; the logits match the eager path.
+    from compress.kernels import triton_w4a16 as tw
+
+    model = tiny_quantized_model(device="cuda", act_order=True).half()
+    accelerate(model)
+    ids = torch.randint(0, 256, (1, 12), device="cuda")
+    seen = []
+    real = tw.w4a16_matmul
+    monkeypatch.setattr(tw, "w4a16_matmul", lambda x, wt, gathered=False: seen.append(gathered) or real(x, wt, gathered))
+    with torch.inference_mode():
+        ref = model(ids).logits
+        assert seen and not any(seen)
+        seen.clear()
+        torch._dynamo.reset()
+        got = torch.compile(model, dynamic=False)(ids).logits
+    assert len(seen) == 8 and all(seen)  # 2 blocks x (q/k/v, o, gate/up, down), one call each
+    assert rel_err(got, ref) < 1e-2
 
 
 @pytest.mark.gpu

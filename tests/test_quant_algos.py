@@ -5,7 +5,7 @@ import torch
 from compress.algos.gptq import gptq_quantize
 from compress.algos.metrics import relative_output_error
 from compress.algos.packing import pack_rows, unpack_rows
-from compress.algos.quant import dequantize_weight, find_grid, num_groups, rtn_quantize
+from compress.algos.quant import dequantize_weight, find_grid, num_groups, rtn_quantize, rtn_quantize_permuted
 from tests.conftest import correlated_inputs
 
 
@@ -20,6 +20,18 @@ def test_rtn_codes_in_range_and_error_bounded(bits, symmetric):
     # round-to-nearest: every element within half a step (plus clamp at the edge of the range)
     step = scales[:, g]
     assert ((w - w_hat).abs() <= step * 0.5 + 1e-6).float().mean() > 0.97
+
+
+def test_rtn_with_act_order_groups_quantizes_along_the_permutation():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 128, generator=gen)
+    perm = torch.randperm(128, generator=gen)
+    codes, scales, zeros, g_idx = rtn_quantize_permuted(w, 4, 32, False, perm)
+    assert torch.equal(g_idx[perm], torch.arange(128, dtype=torch.int32) // 32)  # groups follow perm
+    w_hat = dequantize_weight(codes, scales, zeros, g_idx)
+    q2, s2, z2 = rtn_quantize(w[:, perm], 4, 32, False)  # same as RTN of the permuted weight
+    assert torch.equal(w_hat[:, perm], dequantize_weight(q2, s2, z2, torch.arange(128) // 32))
+    assert ((w - w_hat).abs() <= scales[:, g_idx.long()] * 0.5 + 1e-6).float().mean() > 0.97
 
 
 def test_zero_is_exact_on_asymmetric_grid():

@@ -103,3 +103,18 @@ def rtn_quantize(
         scales.append(grid.scale)
         zeros.append(grid.zero)
     return torch.cat(codes, 1).to(torch.uint8), torch.cat(scales, 1), torch.cat(zeros, 1)
+
+
+def rtn_quantize_permuted(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, perm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN with groups taken along the column order ``perm`` (the layout GPTQ's act-order writes:
+    column ``perm[i]`` belongs to group ``i // group_size``). Returns (codes uint8 [out, in] in the
+    ORIGINAL column order, scales [out, G], zeros [out, G], g_idx int32 [in]). Used to build act-order
+    layers of known numerics for kernel tests and benchmarks without running GPTQ."""
+    in_f = w.shape[1]
+    perm = perm.to(device=w.device, dtype=torch.long)
+    q, s, z = rtn_quantize(w[:, perm], bits, group_size, symmetric)
+    g_idx = torch.empty(in_f, dtype=torch.int32, device=w.device)
+    g_idx[perm] = default_g_idx(in_f, group_size, device=w.device)
+    return q[:, torch.argsort(perm)], s, z, g_idx

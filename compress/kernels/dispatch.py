@@ -91,10 +91,15 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int, pdl: bool = 
     from compress.kernels import ops
 
     handle = ops.register(wt)  # for torch.compile: the kernel as an opaque custom op
+    # act-order on the CUDA kernel: under compile the gather is a graph op (ops.py says why)
+    graph_perm = wt.perm.long() if wt.perm is not None and wt.kernel == "cuda" else None
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda:
             if torch.compiler.is_compiling():
+                if graph_perm is not None:
+                    return torch.ops.compress.w4a16_linear(x.index_select(-1, graph_perm), handle,
+                                                           wt.out_features, True)
                 return torch.ops.compress.w4a16_linear(x, handle, wt.out_features)
             return tw.w4a16_matmul(x, wt)
         if not warned:

@@ -5,7 +5,11 @@ Why: our kernels are launched through ctypes, which TorchDynamo cannot trace. Un
 records one opaque node with a known output shape (the fake implementation), and Inductor fuses
 and compiles everything around it (RMSNorm, rotary, SiLU * up, residual adds) — the parts of a
 decode step that INT4 does not shrink. Outside compilation the forward calls the kernel directly
-(a custom-op dispatch costs host time per call in eager mode).
+(a custom-op dispatch costs host time per call in eager mode). For act-order layers on the CUDA
+kernel the activation gather ``x[..., perm]`` is left in the graph (``gathered=True``), where it
+becomes one small Inductor kernel launched with the rest (with PDL when Inductor's is on) instead
+of an ``index_select`` launch or the in-kernel gather, which both measured slower end to end
+(docs/kernels.md, "Act-order").
 
 The op takes a handle to the packed weight (a ``W4A16Weight`` is not a tensor): ``register``
 returns it. The table holds weak references, so a packed weight that its layer drops (another
@@ -31,17 +35,18 @@ def register(wt: Any) -> int:
 
 
 @torch.library.custom_op("compress::w4a16_linear", mutates_args=())
-def w4a16_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for the packed weight registered as ``handle`` (fp16/bf16 x on CUDA)."""
+def w4a16_linear(x: torch.Tensor, handle: int, out_features: int, gathered: bool = False) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for the packed weight registered as ``handle`` (fp16/bf16 x on CUDA);
+    ``gathered``: x is already in the weight's act-order group order (gathered in the graph)."""
     from compress.kernels import triton_w4a16 as tw
 
     wt = _WEIGHTS.get(handle)
     if wt is None:
         raise RuntimeError(f"compress::w4a16_linear: packed weight {handle} no longer exists "
                            "(re-run accelerate and recompile)")
-    return tw.w4a16_matmul(x, wt)
+    return tw.w4a16_matmul(x, wt, gathered)
 
 
 @w4a16_linear.register_fake
-def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+def _(x: torch.Tensor, handle: int, out_features: int, gathered: bool = False) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))

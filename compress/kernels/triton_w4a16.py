@@ -316,9 +316,10 @@ class W4A16Weight:
     #: CUDA kernel only: launch with programmatic dependent launch (sm_90+; see cuda_w4a16.GRID_WAIT)
     pdl: bool = False
     _scales_as: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
-    #: CUDA kernel only: launch objects per (config, dtype, rows > 8, pdl); they hold this weight's
+    #: CUDA kernel only: launch objects per (config, dtype, rows > 8, pdl, in-kernel gather); they hold this weight's
     #: data pointers, so a copy (``clone``) starts with none
     launchers: dict[tuple, Any] = field(default_factory=dict, repr=False)
+    _in_group_order: "W4A16Weight | None" = field(default=None, repr=False)
 
     @property
     def n_groups(self) -> int:
@@ -347,9 +348,20 @@ class W4A16Weight:
         packed words (lets ``QuantizedLinear.release_codes`` free its copy)."""
         return layout.restore_codes(self.words, self.in_features, self.width, self.perm)
 
+    def in_group_order(self) -> "W4A16Weight":
+        """This weight for activations already gathered into group order (``x[..., perm]``): the
+        same tensors, tuned configs, converted scales and launch objects (keyed on whether the
+        kernel gathers), no permutation. Made once."""
+        if self.perm is None:
+            return self
+        if self._in_group_order is None:
+            self._in_group_order = replace(self, perm=None, configs=self.configs, _scales_as=self._scales_as,
+                                           launchers=self.launchers)
+        return self._in_group_order
+
     def clone(self) -> "W4A16Weight":
         """A copy with its own tensors (benchmarks rotate copies so L2 does not hold the weight)."""
-        c = replace(self, configs=self.configs, _scales_as={}, launchers={})
+        c = replace(self, configs=self.configs, _scales_as={}, launchers={}, _in_group_order=None)
         for name in ("words", "scales", "zeros", "perm", "bias"):
             t = getattr(self, name)
             setattr(c, name, None if t is None else t.clone())
@@ -552,8 +564,11 @@ def _bucket(m: int) -> int:
     return 64
 
 
-def w4a16_matmul(x: torch.Tensor, wt: W4A16Weight) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for x [..., K] in fp16 or bf16 on the GPU."""
+def w4a16_matmul(x: torch.Tensor, wt: W4A16Weight, gathered: bool = False) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for x [..., K] in fp16 or bf16 on the GPU. ``gathered``: x's columns are
+    already in the weight's group order (``x[..., wt.perm]``, act-order), so no gather here."""
+    if gathered:
+        wt = wt.in_group_order()
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.stride(-1) != 1:
