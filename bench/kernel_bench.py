@@ -15,9 +15,7 @@ replays):
 - ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16, g128), as a reference row (not with
   ``--act-order``: its groups must be contiguous);
 - with ``--act-order`` (groups along a random column permutation, as GPTQ's desc_act writes them):
-  ``ours`` is the default route (``cuda_w4a16.GATHER_MAX_ROWS``), ``ours_kernel_gather`` gathers the
-  activations inside the kernel, ``ours_index_select`` launches ``index_select`` first and runs the
-  kernel on activations already in group order (both with the tuned config);
+  ``ours`` is the eager path, one ``index_select`` launch and then the kernel;
 - for M > 16: ``ours`` is the public path, dequantize (CUDA kernel) + cuBLAS.
 
 Achieved GB/s counts the bytes each method must read or write once: weights (int4 codes + fp16
@@ -142,10 +140,6 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
                 t["ours_nopdl"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, best) for c in copies4])
                 for c in copies4:
                     c.pdl = True
-            if wt.perm is not None:  # act-order: both places to gather x, the tuned config
-                for key, gather in (("ours_kernel_gather", True), ("ours_index_select", False)):
-                    t[key] = tw.graph_time_ms([lambda c=c, g=gather: cw.matmul(x, c, best, in_kernel_gather=g)
-                                               for c in copies4])
             del copies4
             copiest = [wtt] + [wtt.clone() for _ in range(ncopy - 1)]
             t["triton"] = tw.graph_time_ms([lambda c=c: tw.launch(x, c, tcfg) for c in copiest])
@@ -161,8 +155,7 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
         del copies16
         act = m * k * 2 + m * n * 2
         ours_bytes = wt.nbytes() + act + (n * k * 4 if m > 16 else 0)  # + writing and reading W for dequant
-        nbytes = {"fp16": n * k * 2 + act, "ours": ours_bytes, "ours_default": ours_bytes, "ours_nopdl": ours_bytes, "ours_index_select": ours_bytes,
-                  "ours_kernel_gather": ours_bytes,
+        nbytes = {"fp16": n * k * 2 + act, "ours": ours_bytes, "ours_default": ours_bytes, "ours_nopdl": ours_bytes,
                   "triton": wtt.nbytes() + act, "tinygemm": n * k // 2 + wt.n_groups * n * 4 + act}
         row["us"] = {key: v * 1e3 for key, v in t.items()}
         row["gbps"] = {key: nbytes[key] / (t[key] * 1e6) for key in t}
@@ -184,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--act-order", action="store_true",
-                    help="groups along a random column permutation (GPTQ desc_act): times the in-kernel gather "
-                         "against a separate index_select launch")
+                    help="groups along a random column permutation (GPTQ desc_act; the kernel then runs "
+                         "after an index_select launch)")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--large-m", default="512", help="extra prefill-sized batches (comma list, '' for none)")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x8192 (default: the five Llama shapes)")
@@ -209,15 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1))  # partial results survive a timeout
     result["seconds"] = time.time() - t0
     out.write_text(json.dumps(result, indent=1))
-    extra = "in_kernel_x index_select_x" if args.act_order else "tinygemm_x"
-    print(f"\nshape          M  fp16_us ours_us  x_fp16  GB/s  default_x triton_x {extra}  err")
+    print("\nshape          M  fp16_us ours_us  x_fp16  GB/s  default_x triton_x tinygemm_x  err")
     nan = float("nan")
     for r in result["rows"]:
         sp = r["speedup_vs_fp16"]
         print(f"{r['out']:>6}x{r['in']:<6} {r['batch']:>3} {r['us']['fp16']:7.1f} {r['us']['ours']:7.1f} "
               f"{sp['ours']:6.2f} {r['gbps']['ours']:6.0f} {sp.get('ours_default', nan):8.2f} {sp.get('triton', nan):8.2f} "
-              + (f"{sp.get('ours_kernel_gather', nan):11.2f} {sp.get('ours_index_select', nan):14.2f}" if args.act_order
-                 else f"{sp.get('tinygemm', nan):8.2f}") + f"  {r['err_ours_best']:.1e}")
+              f"{sp.get('tinygemm', nan):8.2f}  {r['err_ours_best']:.1e}")
     big = [r["speedup_vs_fp16"]["ours"] for r in result["rows"] if r["batch"] == 1 and r["out"] * r["in"] > 4096 * 4096]
     if big:
         print(f"batch-1 speedup on the larger shapes: median {statistics.median(big):.2f}x")

@@ -752,32 +752,6 @@ def test_torch_compile_runs_the_kernels_as_a_custom_op():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_act_order_batch1_decode_launches_no_gather_kernel():
-    # GPTQ act-order layers at one row of x: the CUDA kernel reads x[..., perm] itself, so the
-    # step launches exactly the kernels a model without act-order does; more rows gather first.
-    from torch.profiler import ProfilerActivity, profile
-
-    ids = torch.randint(0, 256, (1, 12), device="cuda")
-    kernels = {}
-    for act_order in (False, True):
-        model = tiny_quantized_model(device="cuda", act_order=act_order).half()
-        with torch.inference_mode():
-            ref, ref1 = model(ids).logits, model(ids[:, :1]).logits  # the dequantize path
-            report = accelerate(model)
-            assert len(report.fused) == 4 and set(report.layers.values()) == {"cuda"}
-            got, got1 = model(ids).logits, model(ids[:, :1]).logits
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                model(ids[:, :1])
-                torch.cuda.synchronize()
-        kernels[act_order] = sorted(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        assert rel_err(got, ref) < 1e-2 and rel_err(got1, ref1) < 1e-2, act_order
-    assert sum("w4a16_mma" in k for k in kernels[True]) == 8  # 2 blocks x (q/k/v, o, gate/up, down)
-    assert len(kernels[True]) == len(kernels[False]), set(kernels[True]) ^ set(kernels[False])
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_act_order_gather_is_a_graph_op_under_torch_compile(monkeypatch):
     # Under torch.compile the gather x[..., perm] is left to Inductor and every kernel call is told
     # that x is already in group order; the logits match the eager path.

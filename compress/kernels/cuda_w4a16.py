@@ -26,12 +26,6 @@ scale each weight ((q - z) s rounded once to the activation dtype, as fp16 cuBLA
 weights would see it). KW warps of a block take consecutive slices of K for the same rows and add
 their partial sums in shared memory at the end.
 
-Act-order (GPTQ ``desc_act``): codes are stored in group order and the kernel's column j is x's
-column ``perm[j]``; the activation load gathers them (two 16-byte index loads and eight 2-byte loads
-per 8 columns, from L1, on the lanes that hold rows of x) for one row of x, so a batch-1 decode
-step launches nothing extra; above ``GATHER_MAX_ROWS`` rows one ``index_select`` launch gathers
-first. The gather still costs: see ``GATHER_MAX_ROWS``.
-
 The kernels are compiled once per configuration and process (``torch.cuda._compile_kernel``,
 NVRTC, well under a second each) and launched through the driver API on the current stream, so
 CUDA graphs capture them like any other kernel; on sm_90+ with programmatic dependent launch
@@ -94,25 +88,6 @@ __device__ __forceinline__ V4 ld_x_if(const u32* p, bool pred) {  // activations
       " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
       " @p ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n}\n"
       : "=r"(v.a), "=r"(v.b), "=r"(v.c), "=r"(v.d) : "l"(p), "r"((int)pred));
-  return v;
-}
-// Act-order: the 8 activations x[row, perm[col .. col + 7]] packed as one 16-byte vector would hold
-// 8 consecutive columns: scalar 2-byte loads through L1, predicated inside the asm (zero when off)
-// so that lanes past M issue nothing (at M = 1 only 4 lanes of a warp load: a first version loaded
-// on every lane and masked the result, and ran 2-4x slower than without act-order).
-__device__ __forceinline__ u32 ldx16_if(const u16* p, bool pred) {
-  u32 v;
-  asm("{\n .reg .pred p;\n .reg .b16 h;\n setp.ne.b32 p, %2, 0;\n mov.b16 h, 0;\n"
-      " @p ld.global.nc.u16 h, [%1];\n cvt.u32.u16 %0, h;\n}\n"
-      : "=r"(v) : "l"(p), "r"((int)pred));
-  return v;
-}
-__device__ __forceinline__ V4 gather8(const u16* row, const V4& p0, const V4& p1, bool pred) {
-  V4 v;
-  v.a = ldx16_if(row + p0.a, pred) | (ldx16_if(row + p0.b, pred) << 16);
-  v.b = ldx16_if(row + p0.c, pred) | (ldx16_if(row + p0.d, pred) << 16);
-  v.c = ldx16_if(row + p1.a, pred) | (ldx16_if(row + p1.b, pred) << 16);
-  v.d = ldx16_if(row + p1.c, pred) | (ldx16_if(row + p1.d, pred) << 16);
   return v;
 }
 // The pair of columns at bits (0..3, 16..19) of v as the floats (MAGIC + q): one lop3.
@@ -240,9 +215,8 @@ struct __align__(16) Stage {
 // one (they do: both by t). Copies use another lane mapping than compute: each copy instruction
 // moves 32 / (4 KC) rows x 64 KC contiguous bytes, so KC = 2 reads whole 128-byte lines.
 // w: int32 [N, KP / 8] (layout.pack_chunked, KP a multiple of 128 KC); sc: [G, N] scales in the
-// activation dtype; zp: [G, N] uint8 (unused when SYMMETRIC); perm: int32 [K], act-order (HAS_PERM):
-// the kernel's column j is x's column perm[j] (codes are stored in group order), gathered in the
-// activation load; N % 16 == 0; ldx, ldo: row strides in elements.
+// activation dtype; zp: [G, N] uint8 (unused when SYMMETRIC); N % 16 == 0; ldx, ldo: row strides
+// in elements.
 #if MINB > 0
 #define BOUNDS __launch_bounds__(KW * 32, MINB)
 #else
@@ -250,8 +224,8 @@ struct __align__(16) Stage {
 #endif
 extern "C" __global__ void BOUNDS
 w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ sc,
-          const u8* __restrict__ zp, const int* __restrict__ perm, const float* __restrict__ bias,
-          u16* __restrict__ out, int M, int N, int K, int KP, int ldx, int ldo) {
+          const u8* __restrict__ zp, const float* __restrict__ bias, u16* __restrict__ out,
+          int M, int N, int K, int KP, int ldx, int ldo) {
   __shared__ Stage stages[KW][STAGES];
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wk = threadIdx.x >> 5;
   const int n0 = blockIdx.x * (16 * NT);
@@ -322,24 +296,9 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const bool in_k = i < se && CHUNK_COLS * c + 8 * q < K;
-#if HAS_PERM
-        // 8 column indices (two 16-byte loads; K % 8 == 0 keeps them inside perm), then 8 gathers
-        const u32* pp = reinterpret_cast<const u32*>(perm) + CHUNK_COLS * c + 8 * q;
-#if MROWS2
-        const bool any_row = a_ok || b_ok;
-#else
-        const bool any_row = a_ok;
-#endif
-        const V4 p0 = ld_x_if(pp, any_row && in_k), p1 = ld_x_if(pp + 4, any_row && in_k);
-        va[kc][q] = gather8(reinterpret_cast<const u16*>(xa), p0, p1, a_ok && in_k);
-#if MROWS2
-        vb[kc][q] = gather8(reinterpret_cast<const u16*>(xb), p0, p1, b_ok && in_k);
-#endif
-#else
         va[kc][q] = ld_x_if(xa + 16 * c + 4 * q, a_ok && in_k);
 #if MROWS2
         vb[kc][q] = ld_x_if(xb + 16 * c + 4 * q, b_ok && in_k);
-#endif
 #endif
       }
     }
@@ -602,9 +561,9 @@ def compile_error(device: torch.device | str) -> str | None:
 
 
 def _defines(cfg: CudaConfig, bf16: bool, gch: int, symmetric: bool, has_bias: bool, mrows2: bool,
-             dequant: bool = False, has_perm: bool = False) -> tuple[tuple[str, int], ...]:
+             dequant: bool = False) -> tuple[tuple[str, int], ...]:
     return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("MINB", cfg.minb),
-            ("BF16", int(bf16)), ("GCH", gch), ("HAS_PERM", int(has_perm)),
+            ("BF16", int(bf16)), ("GCH", gch),
             ("SYMMETRIC", int(symmetric)), ("HAS_BIAS", int(has_bias)), ("MROWS2", int(mrows2)),
             ("CHUNK_COLS", CHUNK), ("DEQUANT", int(dequant)),
             ("SCALE_AFTER", int(gch % 4 == 0)))  # one group per 128-column step: scale the fp32 sums
@@ -646,28 +605,16 @@ def candidate_configs(m: int, n: int) -> list[CudaConfig]:
     return [c for c in cfgs if c.smem_bytes() <= SMEM_LIMIT]
 
 
-#: Act-order layers: up to this many activation rows the kernel gathers x itself; above, one
-#: ``index_select`` launch gathers first. H100, 64 calls in a CUDA graph (bench/kernel_bench.py
-#: --act-order, docs/kernels.md): at M = 1 the in-kernel gather is faster (4096^2 8.6 vs 13.6 us,
-#: 11008x4096 15.4 vs 18.4, 4096x11008 19.1 vs 20.0), from M = 4 on mostly slower. Both stay well
-#: behind a layer without act-order (4.9 / 10.0 / 9.9 us); under torch.compile neither runs: the
-#: gather is a graph op Inductor fuses (dispatch.py, ops.py), measured faster end to end.
-GATHER_MAX_ROWS = 1
-
-
-def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None = None,
-           in_kernel_gather: bool | None = None) -> torch.Tensor:
+def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x2d @ W.T (+ bias) for 1..16 rows of fp16/bf16 activations; ``wt`` a W4A16Weight with
     ``kernel == "cuda"`` (its ``pdl`` flag picks the launch). ``out`` ([M, N], x's dtype,
-    row-contiguous) receives the result. Act-order (``wt.perm``): ``in_kernel_gather`` picks where
-    x is gathered (None: in the kernel up to ``GATHER_MAX_ROWS`` rows)."""
+    row-contiguous) receives the result."""
     m, k = x2d.shape
     if not 1 <= m <= 16:
         raise ValueError(f"the CUDA W4A16 kernel takes 1..16 rows, got {m}")
     if x2d.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"activations must be fp16 or bf16, got {x2d.dtype}")
-    gather = wt.perm is not None and (m <= GATHER_MAX_ROWS if in_kernel_gather is None else in_kernel_gather)
-    if wt.perm is not None and not gather:
+    if wt.perm is not None:  # act-order: one gather launch (under torch.compile a graph op: ops.py)
         x2d = x2d.index_select(1, wt.perm)
     elif x2d.stride(1) != 1 or (m > 1 and x2d.stride(0) % 8) or x2d.data_ptr() % 16:
         x2d = x2d.clone(memory_format=torch.contiguous_format)  # 16-byte aligned rows
@@ -676,7 +623,7 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
         out = torch.empty(m, n, device=x2d.device, dtype=x2d.dtype)
     elif out.shape != (m, n) or out.dtype != x2d.dtype or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {n}] {x2d.dtype} with unit column stride")
-    key = (cfg, x2d.dtype, m > 8, wt.pdl, gather)
+    key = (cfg, x2d.dtype, m > 8, wt.pdl)
     launchers = wt.launchers
     run = launchers.get(key)
     if run is None:
@@ -684,18 +631,16 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
         if kp % (128 * cfg.kc):
             raise ValueError(f"packed K {kp} is not a multiple of {128 * cfg.kc}")
         kern = _kernel("w4a16_mma", x2d.device.index, _defines(
-            cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8,
-            has_perm=gather))
+            cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8))
         run = launchers[key] = Launcher(
             kern, (-(-n // (16 * cfg.nt)), 1), 32 * cfg.kw,
-            [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.perm if gather else None, wt.bias, out,
-             m, n, k, kp, 0, 0], wt.pdl)
-    # arguments 0 x, 6 out, 7 M, 11 ldx, 12 ldo change per call; the weight's tensors do not
+            [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0], wt.pdl)
+    # arguments 0 x, 5 out, 6 M, 10 ldx, 11 ldo change per call; the weight's tensors do not
     run.set(0, x2d.data_ptr())
-    run.set(6, out.data_ptr())
-    run.set(7, m)
-    run.set(11, x2d.stride(0))
-    run.set(12, out.stride(0))
+    run.set(5, out.data_ptr())
+    run.set(6, m)
+    run.set(10, x2d.stride(0))
+    run.set(11, out.stride(0))
     run(torch.cuda.current_stream(x2d.device).cuda_stream)
     return out
 

@@ -7,8 +7,8 @@ and compiles everything around it (RMSNorm, rotary, SiLU * up, residual adds) â€
 decode step that INT4 does not shrink. Outside compilation the forward calls the kernel directly
 (a custom-op dispatch costs host time per call in eager mode). For act-order layers on the CUDA
 kernel the activation gather ``x[..., perm]`` is left in the graph (``gathered=True``), where it
-becomes one small Inductor kernel launched with the rest (with PDL when Inductor's is on) instead
-of an ``index_select`` launch or the in-kernel gather, which both measured slower end to end
+becomes a small Inductor kernel launched with the rest (with PDL when Inductor's is on) instead of
+the ``index_select`` launch the eager path makes; a gather inside our kernel measured slower
 (docs/kernels.md, "Act-order").
 
 The op takes a handle to the packed weight (a ``W4A16Weight`` is not a tensor): ``register``

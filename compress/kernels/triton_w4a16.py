@@ -316,7 +316,7 @@ class W4A16Weight:
     #: CUDA kernel only: launch with programmatic dependent launch (sm_90+; see cuda_w4a16.GRID_WAIT)
     pdl: bool = False
     _scales_as: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
-    #: CUDA kernel only: launch objects per (config, dtype, rows > 8, pdl, in-kernel gather); they hold this weight's
+    #: CUDA kernel only: launch objects per (config, dtype, rows > 8, pdl); they hold this weight's
     #: data pointers, so a copy (``clone``) starts with none
     launchers: dict[tuple, Any] = field(default_factory=dict, repr=False)
     _in_group_order: "W4A16Weight | None" = field(default=None, repr=False)
@@ -350,8 +350,8 @@ class W4A16Weight:
 
     def in_group_order(self) -> "W4A16Weight":
         """This weight for activations already gathered into group order (``x[..., perm]``): the
-        same tensors, tuned configs, converted scales and launch objects (keyed on whether the
-        kernel gathers), no permutation. Made once."""
+        same tensors, tuned configs, converted scales and launch objects (the CUDA kernel never
+        sees ``perm``: the gather is a launch of its own), no permutation. Made once."""
         if self.perm is None:
             return self
         if self._in_group_order is None:
