@@ -89,6 +89,17 @@ def test_chunked_pack_keeps_eight_consecutive_columns_per_word():
         assert torch.equal((words[:, i] >> shift) & 0xF, codes[:, 8 * i + j].long())
 
 
+def test_restore_codes_of_a_row_range_equals_those_rows_of_the_whole():
+    # a stacked layer's member restores only its rows: each row's words are packed independently
+    layer = make_layer(96, 384, 64, False, True, False, seed=5)
+    order = layout.contiguous_group_order(layer.g_idx, layer.n_groups)
+    codes = layout.ordered_codes(layer.qweight, order)
+    for words, width in ((layout.pack_chunked(codes), 1), (layout.pack_planar(codes, 16), 16)):
+        whole = layout.restore_codes(words, 384, width, order.perm)
+        assert torch.equal(whole, layer.qweight)
+        assert torch.equal(layout.restore_codes(words[32:80], 384, width, order.perm), whole[32:80])
+
+
 def test_restore_codes_undoes_group_ordering_exactly():
     layer = make_layer(40, 384, 32, False, True, False, seed=5)  # act-order
     order = layout.contiguous_group_order(layer.g_idx, layer.n_groups)
@@ -309,7 +320,7 @@ def test_accelerate_stacks_qkv_and_gate_up_into_one_launch(monkeypatch):
         def forward(x):
             calls.append(mod.out_features)
             return nn.functional.linear(x, w.to(x.dtype))
-        forward.packed = SimpleNamespace(kernel="cuda", restore_codes=lambda: codes.clone())
+        forward.packed = SimpleNamespace(kernel="cuda", restore_codes=lambda rows=slice(None): codes[rows].clone())
         forward.restore_codes = forward.packed.restore_codes
         return forward
 
@@ -355,7 +366,8 @@ def test_stacked_projections_trace_under_torch_compile_in_one_graph(monkeypatch)
 
         def forward(x):
             return nn.functional.linear(x, w.to(x.dtype))
-        forward.packed = SimpleNamespace(kernel="cuda", restore_codes=mod.qweight.clone)
+        codes = mod.qweight.clone()
+        forward.packed = SimpleNamespace(kernel="cuda", restore_codes=lambda rows=slice(None): codes[rows].clone())
         forward.restore_codes = forward.packed.restore_codes
         return forward
 

@@ -71,7 +71,7 @@ class FusedGroup:
 
         forward.packed = packed
         forward.fused_with = self.names
-        forward.restore_codes = lambda: packed.restore_codes()[a:b]
+        forward.restore_codes = lambda: packed.restore_codes(slice(a, b))  # this member's rows only
         return forward
 
 

@@ -343,10 +343,12 @@ class W4A16Weight:
             self._scales_as[dtype] = self.scales.to(dtype)
         return self._scales_as[dtype]
 
-    def restore_codes(self) -> torch.Tensor:
+    def restore_codes(self, rows: slice | None = None) -> torch.Tensor:
         """The layer's uint8 codes [N, K] in the ORIGINAL column order, rebuilt exactly from the
-        packed words (lets ``QuantizedLinear.release_codes`` free its copy)."""
-        return layout.restore_codes(self.words, self.in_features, self.width, self.perm)
+        packed words (lets ``QuantizedLinear.release_codes`` free its copy); ``rows``: only those
+        output rows (a stacked layer's member: each row's words are packed on their own)."""
+        words = self.words if rows is None else self.words[rows]
+        return layout.restore_codes(words, self.in_features, self.width, self.perm)
 
     def in_group_order(self) -> "W4A16Weight":
         """This weight for activations already gathered into group order (``x[..., perm]``): the
