@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel benchmark, end-to-end decode, latency table.
-# Usage (on the GPU machine, repo root): bash bench/gpu_suite.sh STAGES   (e.g. "env tests kernel e2e latency")
+# Usage (on the GPU machine, repo root): bash bench/gpu_suite.sh STAGES   (e.g. "env tests kernel e2e latency";
+# also: e2e_act, cli)
 # Logs and JSON go to $OUT (or bench/results/device when unset).
 set -u
 # the machine lacks pydantic (compress.recipe imports it): wheels carried in .whl (see bench/gpu_real_model.sh)
@@ -40,10 +41,16 @@ cuda = statistics.median(r["ours"] for r in rows)
 triton = statistics.median(r["triton"] for r in rows if "triton" in r)
 print(f"kernel_bench batch 1, median speedup vs fp16 over {len(rows)} shapes: cuda {cuda:.2f}x, triton {triton:.2f}x")
 PY
-      # compile: ~2 minutes of torch.compile per model; drop it from --modes for a quick run
-      timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl,plain --modes cuda_graph,compile \
+      # compile_pdl (torch.compile with Inductor's PDL, the headline since session 4): ~2 minutes of
+      # compilation per model; drop it from --modes for a quick run
+      timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl \
         --out "$OUT/e2e_gpu.json" > "$OUT/e2e.log" 2>&1
       grep -v Warning "$OUT/e2e.log" | tail -12 ;;
+    e2e_act)
+      # GPTQ-style act-order layers (RTN numerics): the gather costs under compile and CUDA graphs
+      timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --act-order \
+        --out "$OUT/e2e_gpu_actorder.json" > "$OUT/e2e_act.log" 2>&1
+      grep -v Warning "$OUT/e2e_act.log" | tail -8 ;;
     cli)
       # the compress bench contract on a tiny RTN checkpoint, on the GPU
       timeout 300 python3 - > "$OUT/cli.log" 2>&1 <<'PY'
