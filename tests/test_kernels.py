@@ -218,15 +218,20 @@ def tiny_quantized_model(gs: int = 64, device: str = "cpu", act_order: bool = Fa
 @pytest.mark.skipif(not cpu_int4.available()[0], reason="torch without the CPU int4 kernel")
 def test_accelerate_auto_on_cpu_installs_cpu_int4_and_says_so(caplog):
     model = tiny_quantized_model()
-    ids = torch.randint(0, 256, (1, 12))
+    ids, long_ids = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 40))
     with torch.no_grad():
-        ref = model(ids).logits
+        ref, ref_long = model(ids).logits, model(long_ids).logits
         with caplog.at_level(logging.WARNING, logger="compress.kernels.dispatch"):
             report = accelerate(model)
         fast = model(ids).logits
+        dense = model(long_ids).logits  # past CPU_DENSE_MIN_ROWS: dequantized, exact fp32
     assert report.counts() == {"cpu-int4": 14}
     assert any("cpu-int4" in r.message for r in caplog.records)
     assert rel_err(fast, ref) < 3e-2  # bf16 activations through two blocks
+    assert rel_err(dense, ref_long) < 1e-5
+    # not stacked on the CPU: one int4 call for q/k/v took as long as three inside the model (the
+    # kernel's time is per byte there) and the member bookkeeping cost host time (docs/kernels.md)
+    assert report.fused == []
 
 
 
@@ -401,7 +406,9 @@ def test_fused_group_recomputes_for_a_changed_input():
         return torch.cat([x, 2 * x], -1)
 
     group = FusedGroup(fn, [(0, 2), (2, 4)], ["a", "b"])
-    a, b = group.member(0, None), group.member(1, None)
+    codes = torch.arange(8, dtype=torch.uint8).view(4, 2)
+    a, b = (group.member(i, None, lambda rows: codes[rows].clone()) for i in (0, 1))
+    assert torch.equal(b.restore_codes(), codes[2:4])  # a member's rows of the stacked codes
     x = torch.ones(1, 2)
     assert torch.equal(a(x), x) and torch.equal(b(x), 2 * x) and len(n_calls) == 1
     a(x)
@@ -409,6 +416,18 @@ def test_fused_group_recomputes_for_a_changed_input():
     assert torch.equal(b(x), 6 * torch.ones(1, 2)) and len(n_calls) == 3
     assert torch.equal(a(x), 3 * torch.ones(1, 2)) and len(n_calls) == 3  # a's slice of that call
     assert group._x is None  # nothing held once every member has its slice
+
+
+def test_fused_group_shares_one_call_for_an_inference_tensor():
+    from compress.kernels.fused import FusedGroup
+
+    n_calls = []
+    group = FusedGroup(lambda x: n_calls.append(1) or torch.cat([x, 2 * x], -1), [(0, 2), (2, 4)], ["a", "b"])
+    a, b = (group.member(i, None, None) for i in (0, 1))
+    with torch.inference_mode():
+        x = torch.ones(1, 2)  # no version counter: the member calls must still pair up
+        assert torch.equal(a(x), x) and torch.equal(b(x), 2 * x) and len(n_calls) == 1
+        assert torch.equal(b(2 * x), 4 * x) and len(n_calls) == 2  # another tensor: computed again
 
 
 def test_fusion_refuses_layers_with_different_act_order():

@@ -27,9 +27,15 @@ from compress.nn.qlinear import QuantizedLinear
 
 
 def _version(x: torch.Tensor) -> int | None:
+    # Inference-mode tensors keep no version counter: an in-place change between two members' calls
+    # inside inference mode goes unseen (transformers' blocks pass one tensor to q, k and v and do
+    # not change it). Asked first: reading ``_version`` of one raises, and the exception cost ~11 us
+    # per member call, which eager decode paid 150 times per SmolLM2 token.
+    if x.is_inference():
+        return None
     try:
         return x._version
-    except RuntimeError:  # inference-mode tensors keep no version counter (and cannot be changed in place)
+    except RuntimeError:
         return None
 
 
@@ -62,8 +68,10 @@ class FusedGroup:
             self._x = self._outs = None
         return out
 
-    def member(self, i: int, packed: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The forward to install on member ``i`` (``packed``: the stacked weight, for tuning)."""
+    def member(self, i: int, packed: Any, restore: Callable[[slice], torch.Tensor]
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward to install on member ``i`` (``packed``: the stacked weight, for tuning;
+        ``restore(rows)``: those rows of the stacked layer's uint8 codes, rebuilt exactly)."""
         a, b = self.bounds[i]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,7 @@ class FusedGroup:
 
         forward.packed = packed
         forward.fused_with = self.names
-        forward.restore_codes = lambda: packed.restore_codes(slice(a, b))  # this member's rows only
+        forward.restore_codes = lambda: restore(slice(a, b))  # this member's rows only
         return forward
 
 
