@@ -418,6 +418,36 @@ def test_fused_group_recomputes_for_a_changed_input():
     assert group._x is None  # nothing held once every member has its slice
 
 
+@pytest.mark.gpu  # needs triton (GPU machines); runs on the host: packing and restoring only
+def test_stacked_members_restore_their_rows_of_the_packed_words(monkeypatch):
+    # Both GPU layouts, an act-order group (q/k/v share one permutation): each member gets exactly
+    # its own codes back from the stacked packed words; the group-order sibling shares everything
+    # but the permutation, and a copy of the weight starts without one.
+    tw = pytest.importorskip("compress.kernels.triton_w4a16")
+    from compress.kernels import cuda_w4a16, fused
+
+    monkeypatch.setattr(cuda_w4a16, "unsupported_reason", lambda *a: None)  # pack on the host, no launch
+    monkeypatch.setattr(cuda_w4a16, "pdl_supported", lambda device: False)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(256, generator=gen)
+    mods = []
+    for n in (128, 64, 64):
+        q, s, z, g = rtn_quantize_permuted(torch.randn(n, 256, generator=gen), 4, 64, False, perm)
+        mods.append(QuantizedLinear.from_codes(q, s, z, g, 4, 64, False, act_order=True))
+    stacked, bounds = fused.stack(mods)
+    for kernel, width in (("cuda", 1), ("triton", 16)):
+        wt = tw.repack(stacked.qweight, stacked.scales, stacked.zeros, stacked.g_idx, 4, False, None, "cpu",
+                       width=width, kernel=kernel)
+        assert wt.kernel == kernel and wt.perm is not None
+        group = fused.FusedGroup(lambda x: x, bounds, ["q", "k", "v"])
+        for i, m in enumerate(mods):
+            assert torch.equal(group.member(i, wt, wt.restore_codes).restore_codes(), m.qweight), (kernel, i)
+        sib = wt.in_group_order()
+        assert sib.perm is None and sib.words is wt.words and sib.configs is wt.configs
+        assert sib.launchers is wt.launchers and wt.in_group_order() is sib
+        assert wt.clone()._in_group_order is None
+
+
 def test_fused_group_shares_one_call_for_an_inference_tensor():
     from compress.kernels.fused import FusedGroup
 
