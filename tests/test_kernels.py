@@ -397,6 +397,8 @@ def test_stacked_projections_trace_under_torch_compile_in_one_graph(monkeypatch)
     assert rel_err(got, ref) < 1e-6
 
 def test_fused_group_recomputes_for_a_changed_input():
+    from types import SimpleNamespace
+
     from compress.kernels.fused import FusedGroup
 
     n_calls = []
@@ -407,7 +409,8 @@ def test_fused_group_recomputes_for_a_changed_input():
 
     group = FusedGroup(fn, [(0, 2), (2, 4)], ["a", "b"])
     codes = torch.arange(8, dtype=torch.uint8).view(4, 2)
-    a, b = (group.member(i, None, lambda rows: codes[rows].clone()) for i in (0, 1))
+    packed = SimpleNamespace(restore_codes=lambda rows: codes[rows].clone())
+    a, b = (group.member(i, packed) for i in (0, 1))
     assert torch.equal(b.restore_codes(), codes[2:4])  # a member's rows of the stacked codes
     x = torch.ones(1, 2)
     assert torch.equal(a(x), x) and torch.equal(b(x), 2 * x) and len(n_calls) == 1
@@ -441,7 +444,7 @@ def test_stacked_members_restore_their_rows_of_the_packed_words(monkeypatch):
         assert wt.kernel == kernel and wt.perm is not None
         group = fused.FusedGroup(lambda x: x, bounds, ["q", "k", "v"])
         for i, m in enumerate(mods):
-            assert torch.equal(group.member(i, wt, wt.restore_codes).restore_codes(), m.qweight), (kernel, i)
+            assert torch.equal(group.member(i, wt).restore_codes(), m.qweight), (kernel, i)
         sib = wt.in_group_order()
         assert sib.perm is None and sib.words is wt.words and sib.configs is wt.configs
         assert sib.launchers is wt.launchers and wt.in_group_order() is sib
@@ -453,7 +456,7 @@ def test_fused_group_shares_one_call_for_an_inference_tensor():
 
     n_calls = []
     group = FusedGroup(lambda x: n_calls.append(1) or torch.cat([x, 2 * x], -1), [(0, 2), (2, 4)], ["a", "b"])
-    a, b = (group.member(i, None, None) for i in (0, 1))
+    a, b = (group.member(i, None) for i in (0, 1))
     with torch.inference_mode():
         x = torch.ones(1, 2)  # no version counter: the member calls must still pair up
         assert torch.equal(a(x), x) and torch.equal(b(x), 2 * x) and len(n_calls) == 1

@@ -274,7 +274,7 @@ def _install_fused(names: list[str], mods: list[QuantizedLinear], large_m: str, 
     path, reason = _gpu_path(fn.packed.kernel)
     short = ", ".join(n.rsplit(".", 1)[-1] for n in names)
     for i, (name, mod) in enumerate(zip(names, mods)):
-        member = group.member(i, fn.packed, fn.packed.restore_codes)
+        member = group.member(i, fn.packed)
         mod.set_backend(member)
         mod.release_codes(member.restore_codes)
         report.layers[name] = path

@@ -31,12 +31,7 @@ def _version(x: torch.Tensor) -> int | None:
     # inside inference mode goes unseen (transformers' blocks pass one tensor to q, k and v and do
     # not change it). Asked first: reading ``_version`` of one raises, and the exception cost ~11 us
     # per member call, which eager decode paid 150 times per SmolLM2 token.
-    if x.is_inference():
-        return None
-    try:
-        return x._version
-    except RuntimeError:
-        return None
+    return None if x.is_inference() else x._version
 
 
 class FusedGroup:
@@ -68,10 +63,9 @@ class FusedGroup:
             self._x = self._outs = None
         return out
 
-    def member(self, i: int, packed: Any, restore: Callable[[slice], torch.Tensor]
-               ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The forward to install on member ``i`` (``packed``: the stacked weight, for tuning;
-        ``restore(rows)``: those rows of the stacked layer's uint8 codes, rebuilt exactly)."""
+    def member(self, i: int, packed: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward to install on member ``i`` (``packed``: the stacked weight, for tuning; its
+        ``restore_codes(rows)`` rebuilds those rows of the stacked layer's uint8 codes exactly)."""
         a, b = self.bounds[i]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +73,7 @@ class FusedGroup:
 
         forward.packed = packed
         forward.fused_with = self.names
-        forward.restore_codes = lambda: restore(slice(a, b))  # this member's rows only
+        forward.restore_codes = lambda: packed.restore_codes(slice(a, b))  # this member's rows only
         return forward
 
 
