@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize, rtn_quantize_permuted  # noqa: E402
 from compress.kernels import cuda_w4a16 as cw  # noqa: E402
 from compress.kernels import triton_w4a16 as tw  # noqa: E402
+from compress.kernels.gpu_timing import graph_time_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (8192, 8192)]
 BATCHES = [1, 4, 16]
@@ -130,26 +131,26 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
         copies16 = [wdq16] + [wdq16.clone() for _ in range(tw.copies_for(n * k * 2) - 1)]
         ncopy = tw.copies_for(wt.nbytes())
         copies4 = [wt] + [wt.clone() for _ in range(ncopy - 1)]
-        t = {"fp16": tw.graph_time_ms([lambda c=c: F.linear(x, c) for c in copies16])}
+        t = {"fp16": graph_time_ms([lambda c=c: F.linear(x, c) for c in copies16])}
         if m <= 16:
-            t["ours"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, best) for c in copies4])
-            t["ours_default"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, default_cfg) for c in copies4])
+            t["ours"] = graph_time_ms([lambda c=c: cw.matmul(x, c, best) for c in copies4])
+            t["ours_default"] = graph_time_ms([lambda c=c: cw.matmul(x, c, default_cfg) for c in copies4])
             if wt.pdl:  # the same launches without programmatic dependent launch
                 for c in copies4:
                     c.pdl = False
-                t["ours_nopdl"] = tw.graph_time_ms([lambda c=c: cw.matmul(x, c, best) for c in copies4])
+                t["ours_nopdl"] = graph_time_ms([lambda c=c: cw.matmul(x, c, best) for c in copies4])
                 for c in copies4:
                     c.pdl = True
             del copies4
             copiest = [wtt] + [wtt.clone() for _ in range(ncopy - 1)]
-            t["triton"] = tw.graph_time_ms([lambda c=c: tw.launch(x, c, tcfg) for c in copiest])
+            t["triton"] = graph_time_ms([lambda c=c: tw.launch(x, c, tcfg) for c in copiest])
             del copiest
         else:
-            t["ours"] = tw.graph_time_ms([lambda c=c: tw.w4a16_matmul(x, c) for c in copies4])
+            t["ours"] = graph_time_ms([lambda c=c: tw.w4a16_matmul(x, c) for c in copies4])
             del copies4
         if tg is not None:
             tgs = [tg] + [(tg[0].clone(), tg[1].clone()) for _ in range(tw.copies_for(n * k // 2) - 1)]
-            t["tinygemm"] = tw.graph_time_ms([lambda c=c: torch.ops.aten._weight_int4pack_mm(xb, c[0], gs, c[1])
+            t["tinygemm"] = graph_time_ms([lambda c=c: torch.ops.aten._weight_int4pack_mm(xb, c[0], gs, c[1])
                                               for c in tgs])
             del tgs
         del copies16

@@ -30,7 +30,7 @@ def main() -> int:
         return 2
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from compress.kernels.triton_w4a16 import graph_time_ms  # needs triton: GPU machines only
+    from compress.kernels.gpu_timing import graph_time_ms
 
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}

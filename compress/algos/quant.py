@@ -79,7 +79,7 @@ def dequantize_weight(
     """w[o, i] = (q[o, i] - zeros[o, g_idx[i]]) * scales[o, g_idx[i]] in float32."""
     n, k = q.shape
     n_groups = scales.shape[1]
-    if k % n_groups == 0 and torch.equal(g_idx.long().cpu(), torch.arange(k) // (k // n_groups)):
+    if k % n_groups == 0 and torch.equal(g_idx.cpu().int(), default_g_idx(k, k // n_groups)):
         # contiguous equal groups (no act-order): broadcast per group instead of gathering an
         # [out, in] index twice (same arithmetic, same values; several times faster)
         gs = k // n_groups

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from compress.kernels import layout
-from compress.kernels.gpu_timing import graph_time_ms  # noqa: F401 (benches call it from here)
+from compress.kernels.gpu_timing import graph_time_ms
 
 log = logging.getLogger(__name__)
 
