@@ -152,11 +152,11 @@ def run_gpu(args: argparse.Namespace) -> dict:
     out = {"model": "llama-2-7b shape, random weights", "config": config, "prompt": args.prompt, "sdpa": args.sdpa, "attn": args.attn,
            "generate": args.generate, "batch": 1, "group_size": args.group_size, "symmetric": args.symmetric,
            "device": torch.cuda.get_device_name(), "variants": variants, "runs": {}, "int4": {}}
-    model = random_llama(config, torch.float16, "cuda", attn_implementation=args.attn)
     modes = tuple(m for m in args.modes.split(",") if m)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+    model = random_llama(config, torch.float16, "cuda", attn_implementation=args.attn)
 
     def profile() -> dict:
         # profile what the last compiled mode compiled (with Inductor's PDL when that mode ran)

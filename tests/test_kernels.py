@@ -309,15 +309,15 @@ def test_accelerate_gpu_path_names_the_kernel_and_releases_the_codes(monkeypatch
     assert all(torch.equal(m.qweight, c) for m, c in zip(model, codes))
 
 
-def test_accelerate_stacks_qkv_and_gate_up_into_one_launch(monkeypatch):
-    """Fusion on the CPU: the GPU kernel is stood in for by an exact dequantize-and-multiply of the
-    STACKED layer, so the member slicing, the one-call-per-group bookkeeping, the codes' release and
-    exact per-member restore, and a member called alone on another input are all checked."""
+def install_exact_gpu_stand_in(monkeypatch) -> list[int]:
+    """Make ``accelerate(backend="triton")`` take its GPU path on the CPU, with each packed layer
+    stood in for by an exact dequantize-and-multiply that keeps its codes for the restore. Returns
+    the list that records each call's out_features."""
     from types import SimpleNamespace
 
     from compress.kernels import dispatch
 
-    calls = []
+    calls: list[int] = []
 
     def fake_backend(mod, large_m, width, pdl=True):
         w, codes = mod.dequantize(), mod.qweight.clone()
@@ -332,6 +332,14 @@ def test_accelerate_stacks_qkv_and_gate_up_into_one_launch(monkeypatch):
     monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
     monkeypatch.setattr(dispatch, "_choose", lambda mod, *a: ("triton", "GPU W4A16"))
     monkeypatch.setattr(dispatch, "_triton_backend", fake_backend)
+    return calls
+
+
+def test_accelerate_stacks_qkv_and_gate_up_into_one_launch(monkeypatch):
+    """Fusion on the CPU: the GPU kernel is stood in for by an exact dequantize-and-multiply of the
+    STACKED layer, so the member slicing, the one-call-per-group bookkeeping, the codes' release and
+    exact per-member restore, and a member called alone on another input are all checked."""
+    calls = install_exact_gpu_stand_in(monkeypatch)
     model = tiny_quantized_model()
     names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     codes = {n: model.get_submodule(n).qweight.clone() for n in names}
@@ -362,23 +370,7 @@ def test_accelerate_stacks_qkv_and_gate_up_into_one_launch(monkeypatch):
 def test_stacked_projections_trace_under_torch_compile_in_one_graph(monkeypatch):
     """Dynamo traces the members' bookkeeping without graph breaks and keeps one matmul per group:
     9 linear nodes for 2 blocks (q/k/v, o, gate/up, down each, and lm_head) instead of 15."""
-    from types import SimpleNamespace
-
-    from compress.kernels import dispatch
-
-    def fake_backend(mod, large_m, width, pdl=True):
-        w = mod.dequantize()
-
-        def forward(x):
-            return nn.functional.linear(x, w.to(x.dtype))
-        codes = mod.qweight.clone()
-        forward.packed = SimpleNamespace(kernel="cuda", restore_codes=lambda rows=slice(None): codes[rows].clone())
-        forward.restore_codes = forward.packed.restore_codes
-        return forward
-
-    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
-    monkeypatch.setattr(dispatch, "_choose", lambda mod, *a: ("triton", "GPU W4A16"))
-    monkeypatch.setattr(dispatch, "_triton_backend", fake_backend)
+    install_exact_gpu_stand_in(monkeypatch)
     model = tiny_quantized_model()
     ids = torch.randint(0, 256, (1, 9))
     linears = []

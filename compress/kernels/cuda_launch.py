@@ -90,7 +90,7 @@ class Launcher:
 
 
 def launch(kernel: Any, grid: int | tuple[int, int], block: int, args: list[Any],
-                device: torch.device) -> None:
+           device: torch.device) -> None:
     """cuLaunchKernel on the current stream (captured by CUDA graphs like any launch)."""
     gx, gy = (grid, 1) if isinstance(grid, int) else grid
     Launcher(kernel, (gx, gy), block, args, pdl=False)(torch.cuda.current_stream(device).cuda_stream)

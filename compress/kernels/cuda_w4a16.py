@@ -655,5 +655,5 @@ def dequantize(wt: Any, dtype: torch.dtype) -> torch.Tensor:
         CudaConfig(1, 1, 2), dtype == torch.bfloat16, _gch(wt), wt.zeros is None, False, False, dequant=True))
     threads = 256
     launch(kern, (n, -(-k // (8 * threads))), threads, [wt.words, scales, wt.zeros, out, n, k, kp],
-                wt.words.device)
+           wt.words.device)
     return out
