@@ -67,9 +67,9 @@ def quantize_linears(model: nn.Module, group_size: int, symmetric: bool, skip: t
 
 
 @torch.inference_mode()
-def logits_check(model: nn.Module, vocab: int) -> float:
+def logits_check(model: nn.Module, vocab: int, tokens: int = 16) -> float:
     """Relative error of the model's logits with the installed kernels vs the dequantize path."""
-    ids = torch.randint(0, vocab, (1, 16), device=next(model.parameters()).device)
+    ids = torch.randint(0, vocab, (1, tokens), device=next(model.parameters()).device)
     fast = model(ids).logits.double()
     saved = {n: m._backend for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     for n, m in model.named_modules():
@@ -230,8 +230,9 @@ def run_cpu(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     out = {"model": args.model, "prompt": args.prompt, "generate": args.generate, "batch": 1,
            "group_size": args.group_size, "symmetric": args.symmetric, "threads": torch.get_num_threads(),
-           "device": "cpu", "runs": {}}
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+           "device": "cpu", "dtype": args.dtype, "runs": {}}
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
 
     def timed(tag: str) -> None:
         r = measure_latency(model, args.prompt, args.generate, 1, repeats=args.repeats, warmup=1)
@@ -241,19 +242,24 @@ def run_cpu(args: argparse.Namespace) -> dict:
               f"decode {r['decode_ms_per_token']:7.2f} ms/token ({r['decode_tokens_per_s']:6.1f} tok/s, runs "
               f"{[round(v, 1) for v in r['decode_ms_per_token_runs']]})", flush=True)
 
-    timed("fp32")
+    base = "fp32" if dtype == torch.float32 else "bf16"
+    timed(base)
     skip = () if args.quantize_lm_head else ("lm_head",)
     out["quantize_lm_head"] = args.quantize_lm_head
     out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric, skip=skip)
     if args.with_fallback:
         timed("int4_dequant_fallback")
-    out["kernels"] = accelerate(model, backend="cpu-int4").counts()
+    out["cpu_prefill"] = args.cpu_prefill
+    out["kernels"] = accelerate(model, backend="cpu-int4", cpu_prefill=args.cpu_prefill).counts()
     out["logits_rel_err_vs_dequant_fp32"] = logits_check(model, model.config.vocab_size)
+    # 64 tokens: past the dense-prefill threshold (bf16 dense GEMM under cpu_prefill auto on AMX)
+    out["logits_rel_err_prefill64"] = logits_check(model, model.config.vocab_size, 64)
     timed("int4_cpu")
-    out["decode_speedup"] = out["runs"]["fp32"]["decode_ms_per_token"] / out["runs"]["int4_cpu"]["decode_ms_per_token"]
-    out["prefill_speedup"] = out["runs"]["fp32"]["prefill_ms"] / out["runs"]["int4_cpu"]["prefill_ms"]
-    print(f"int4 vs fp32: decode {out['decode_speedup']:.2f}x, prefill {out['prefill_speedup']:.2f}x; logits rel err "
-          f"{out['logits_rel_err_vs_dequant_fp32']:.2e}")
+    out["decode_speedup"] = out["runs"][base]["decode_ms_per_token"] / out["runs"]["int4_cpu"]["decode_ms_per_token"]
+    out["prefill_speedup"] = out["runs"][base]["prefill_ms"] / out["runs"]["int4_cpu"]["prefill_ms"]
+    print(f"int4 vs {base}: decode {out['decode_speedup']:.2f}x, prefill {out['prefill_speedup']:.2f}x; logits rel err "
+          f"{out['logits_rel_err_vs_dequant_fp32']:.2e} (16 tokens), "
+          f"{out['logits_rel_err_prefill64']:.2e} (64 tokens)")
     return out
 
 
@@ -282,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="gpu: also profile decode steps by kernel family (compiled when --modes has compile)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cpu-prefill", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="cpu: dense arithmetic for prefill-sized inputs (accelerate's cpu_prefill)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="cpu: dtype of the model (its float baseline and the INT4 model's other layers)")
     ap.add_argument("--with-fallback", action="store_true", help="cpu: also time the dequantize fallback")
     ap.add_argument("--act-order", action="store_true",
                     help="gpu: act-order layers (groups along a random column permutation per input, RTN)")

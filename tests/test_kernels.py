@@ -222,7 +222,7 @@ def test_accelerate_auto_on_cpu_installs_cpu_int4_and_says_so(caplog):
     with torch.no_grad():
         ref, ref_long = model(ids).logits, model(long_ids).logits
         with caplog.at_level(logging.WARNING, logger="compress.kernels.dispatch"):
-            report = accelerate(model)
+            report = accelerate(model, cpu_prefill="fp32")
         fast = model(ids).logits
         dense = model(long_ids).logits  # past CPU_DENSE_MIN_ROWS: dequantized, exact fp32
     assert report.counts() == {"cpu-int4": 14}
@@ -240,13 +240,51 @@ def test_cpu_backend_runs_prefill_densely_and_decode_on_int4(monkeypatch):
     from compress.kernels import dispatch
 
     layer = make_layer(96, 256, 64, False, True, True, seed=4)
-    accelerate(nn.Sequential(layer), backend="cpu-int4")
+    accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_prefill="fp32")
     calls = []
     monkeypatch.setattr(cpu_int4, "int4_matmul", lambda x, wt: calls.append(x.shape) or torch.zeros(*x.shape[:-1], 96))
     big = torch.randn(2, dispatch.CPU_DENSE_MIN_ROWS // 2, 256)  # exactly the threshold: dense fp32
     assert rel_err(layer(big), reference(layer, big)) < 1e-6 and not calls
     layer(torch.randn(1, 1, 256))  # decode-sized: the int4 kernel
     assert calls == [(1, 1, 256)]
+    # bf16 dense product: its own threshold, bf16-level error, never the int4 kernel
+    accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_prefill="bf16")
+    calls.clear()
+    rows = dispatch.CPU_BF16_DENSE_MIN_ROWS
+    big = torch.randn(1, rows, 256)
+    y = layer(big)
+    assert y.dtype == torch.float32 and not calls
+    assert 1e-6 < rel_err(y, reference(layer, big)) < 1e-2  # rounded to bf16, so not exact
+    layer(torch.randn(1, rows - 1, 256))
+    assert calls == [(1, rows - 1, 256)]
+
+
+@pytest.mark.parametrize("act", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_cpu_dense_linear_fp32_is_exact_and_bf16_is_close(act, per_channel):
+    layer = make_layer(80, 192, -1 if per_channel else 64, False, act, True, seed=11)
+    x = torch.randn(3, 24, 192)
+    ref = reference(layer, x)
+    exact = cpu_int4.dense_linear(layer.qweight, layer.scales, layer.zeros, layer.g_idx, layer.bias, torch.float32)
+    assert rel_err(exact(x), ref) < 1e-6
+    fast = cpu_int4.dense_linear(layer.qweight, layer.scales, layer.zeros, layer.g_idx, layer.bias, torch.bfloat16)
+    y = fast(x)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert rel_err(y, ref) < 1e-2
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu_int4.dense_linear(layer.qweight, layer.scales, layer.zeros, layer.g_idx, None, torch.float16)
+
+
+def test_cpu_prefill_auto_follows_the_cpu_and_bad_values_are_refused(monkeypatch):
+    from compress.kernels import dispatch
+
+    with pytest.raises(ConfigError, match="cpu_prefill"):
+        accelerate(nn.Sequential(make_layer(32, 64, 32, False, False, False)), cpu_prefill="fp16")
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(cpu_int4, "fast_bf16_matmul", lambda native=native: native)
+        assert dispatch._cpu_prefill_dtype("auto") == want
+    assert dispatch._cpu_prefill_dtype("fp32") == torch.float32
+    assert dispatch._cpu_prefill_dtype("bf16") == torch.bfloat16
 
 def test_accelerate_falls_back_with_a_warning_when_triton_cannot_run(caplog):
     model = tiny_quantized_model()

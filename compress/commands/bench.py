@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     r.add_argument("--no-tune", dest="tune", action="store_false",
                    help="GPU: skip timing the kernel configs for the decode batch (about a second per layer shape)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    r.add_argument("--cpu-prefill", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="CPU INT4 path: arithmetic of the dense product prefill-sized inputs take; auto = bf16 "
+                        "where the CPU multiplies bf16 natively (AMX / AVX512-BF16), else fp32 (default: auto)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     o.add_argument("--output", default=None, metavar="FILE", help="also write the JSON object to FILE")
@@ -155,7 +158,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
             model, _ = load_quantized(folder, device=str(device), dtype=dtype)
             model.to(device)
-            report = accelerate(model, backend=args.backend, fuse=args.fuse, pdl=args.pdl)
+            report = accelerate(model, backend=args.backend, fuse=args.fuse, pdl=args.pdl,
+                                cpu_prefill=args.cpu_prefill)
             result["kernels"] = report.counts()
             result["fused_groups"] = len(report.fused)
             if device.type == "cuda" and args.tune and args.batch <= 16 and (

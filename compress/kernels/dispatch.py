@@ -8,8 +8,9 @@ with ``QuantizedLinear.set_backend``. Paths, as the report names them:
 - ``triton``: the W4A16 Triton kernels (``triton_w4a16``), the other GPU layers; fp16/bf16
   activations. On both GPU paths other activation dtypes run the dequantize fallback for that call.
 - ``cpu-int4``: torch's CPU int4 kernel (``cpu_int4``), for layers on the CPU; bf16 arithmetic. From
-  ``CPU_DENSE_MIN_ROWS`` activation rows on (prefill) the layer is dequantized to float32 for that
-  call and multiplied densely (exact, and faster there than the int4 kernel).
+  a threshold of activation rows on (prefill) the layer is dequantized for that call and multiplied
+  densely (faster there than the int4 kernel): in bf16 where the CPU multiplies bf16 natively (AMX,
+  AVX512-BF16; ``cpu_prefill="auto"``), else in float32 (exact).
 - ``dequant-fallback``: no kernel installed; the layer's own forward dequantizes its weight and
   calls ``F.linear`` (always correct, slow, no memory saved at run time).
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "cpu-int4", "dequant")
 LARGE_M = ("triton", "dequant")
+CPU_PREFILL = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -123,20 +125,36 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int, pdl: bool = 
 CPU_DENSE_MIN_ROWS = 20
 
 
-def _cpu_backend(mod: QuantizedLinear) -> Callable[[torch.Tensor], torch.Tensor]:
-    from compress.algos.quant import dequantize_weight
+#: The same switch when the dense product runs in bf16 (``cpu_prefill`` "bf16", or "auto" on a CPU
+#: with AMX / AVX512-BF16). On such a CPU (session 5's: AMX) the int4 kernel is also about 3x faster
+#: than on session 4's, so dense wins later: summed over one SmolLM2 block, int4 1.92 vs dense bf16
+#: 1.98 ms at 32 rows, 2.37 vs 2.11 at 40 (``python bench/cpu_crossover.py``, 1 thread,
+#: docs/kernels.md); between the two. (CPU_DENSE_MIN_ROWS above was measured on session 4's CPU.)
+CPU_BF16_DENSE_MIN_ROWS = 36
+
+
+def _cpu_prefill_dtype(cpu_prefill: str) -> torch.dtype:
+    from compress.kernels import cpu_int4
+
+    if cpu_prefill == "auto":
+        return torch.bfloat16 if cpu_int4.fast_bf16_matmul() else torch.float32
+    return torch.bfloat16 if cpu_prefill == "bf16" else torch.float32
+
+
+def _cpu_backend(mod: QuantizedLinear, dense_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     from compress.kernels import cpu_int4
 
     wt = cpu_int4.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.bias)
-    q, s, z, g, bias = mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bias
+    dense = cpu_int4.dense_linear(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bias, dense_dtype)
+    min_rows = CPU_BF16_DENSE_MIN_ROWS if dense_dtype == torch.bfloat16 else CPU_DENSE_MIN_ROWS
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.numel() >= CPU_DENSE_MIN_ROWS * x.shape[-1]:  # prefill: compute-bound, dense fp32 is faster
-            w = dequantize_weight(q, s, z, g).to(x.dtype)
-            return nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+        if x.numel() >= min_rows * x.shape[-1]:  # prefill: compute-bound, a dense GEMM is faster
+            return dense(x)
         return cpu_int4.int4_matmul(x, wt)
 
     forward.packed = wt
+    forward.dense_dtype = dense_dtype
     return forward
 
 
@@ -168,7 +186,8 @@ def _gpu_path(kernel: str) -> tuple[str, str]:
 
 
 def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant",
-               plane_width: int = 16, fuse: bool = True, pdl: bool = True) -> AccelerationReport:
+               plane_width: int = 16, fuse: bool = True, pdl: bool = True,
+               cpu_prefill: str = "auto") -> AccelerationReport:
     """Repack every QuantizedLinear of ``model`` for the best available kernel and install it.
 
     ``backend``: one of BACKENDS. ``large_m`` (layers on the Triton path only; the CUDA path always
@@ -179,6 +198,9 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
     adapter table's true-sequential groups) into one launch (``compress.kernels.fused``).
     ``pdl`` (CUDA kernel, sm_90+): programmatic dependent launch, so a kernel's weight copies start
     while the previous kernel finishes.
+    ``cpu_prefill`` (cpu-int4 path): arithmetic of the dense product that prefill-sized inputs take,
+    "bf16" (activations and dequantized weights rounded to bf16, fp32 accumulation; fast on CPUs
+    with AMX or AVX512-BF16), "fp32" (exact) or "auto" (bf16 where the CPU has native bf16 GEMMs).
 
     Example::
 
@@ -191,6 +213,8 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
         raise ConfigError(f"large_m must be one of {', '.join(LARGE_M)}; got {large_m!r}")
     if plane_width not in (16, 32, 64):
         raise ConfigError(f"plane_width must be 16, 32 or 64; got {plane_width!r}")
+    if cpu_prefill not in CPU_PREFILL:
+        raise ConfigError(f"cpu_prefill must be one of {', '.join(CPU_PREFILL)}; got {cpu_prefill!r}")
     from compress.kernels import cpu_int4
 
     triton_ok = _triton_status() if backend in ("auto", "triton") else (False, "not requested")
@@ -216,7 +240,9 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
                 # the packed words hold the codes: free the uint8 copy (see the module docstring)
                 mod.release_codes(fn.restore_codes)
             elif path == "cpu-int4":
-                mod.set_backend(_cpu_backend(mod))
+                dense_dtype = _cpu_prefill_dtype(cpu_prefill)
+                mod.set_backend(_cpu_backend(mod, dense_dtype))
+                reason += f"; prefill-sized inputs: dequantize + dense {str(dense_dtype)[6:]} GEMM"
             else:
                 mod.set_backend(None)
         except ValueError as e:  # the layer's grid is outside what the kernel handles
