@@ -195,21 +195,6 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N_>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N_)); }
 
-#if PF > 0
-// L2 prefetch (sm_90: one bulk prefetch per contiguous run; older GPUs: one per 128-byte line). No
-// register, no shared memory and nothing waits on it: it lets the DRAM stream PF steps further ahead
-// than the shared-memory pipeline holds, and before GRID_WAIT it starts this kernel's weights while
-// the kernel before it is still running.
-__device__ __forceinline__ void l2_bulk(const void* p, u32 bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
-#else
-  for (u32 o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" :: "l"((const char*)p + o));
-#endif
-}
-__device__ __forceinline__ void l2_line(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
-#endif
-
 // One warp's pipeline stage, per 16-row tile: the step's KC x 4 chunks of each row, stored as
 // w[kc][row][t] so that compute lane (g, t) reads rows g and g + 8 of chunk 4kc + t from 512
 // contiguous bytes (no bank conflicts); the 16 scales and zero points of the tile for the group
@@ -297,24 +282,6 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
     }
     cp_commit();
   };
-#if PF > 0
-  // L2 prefetch of steps [a, b) of this warp's slice: lane r < 16 the codes of row r of each tile
-  // (contiguous along K: one bulk prefetch), the scale and zero-point lanes their lines per step.
-  auto prefetch = [&](int a, int b) {
-    b = min(b, se);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if (lane < 16 && a < b)
-        l2_bulk(w + (size_t)(tile[nt] + lane) * (KP >> 3) + 4 * CPR * a, (u32)(b - a) * 16u * CPR);
-      for (int i = a; i < b; ++i) {
-        if (s_on) l2_line(sc + (size_t)min((CPR * i + 4 * s_kc + s_t) / GCH, gmax) * N + tile[nt] + 8 * s_half);
-#if !SYMMETRIC
-        if (z_on) l2_line(zp + (size_t)min((CPR * i + 4 * z_kc + z_t) / GCH, gmax) * N + tile[nt]);
-#endif
-      }
-    }
-  };
-#endif
   const bool a_ok = g < M;
   const u32* xa = x + (size_t)(a_ok ? g : 0) * (ldx >> 1);
 #if MROWS2
@@ -356,9 +323,6 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
 
 #pragma unroll
   for (int j = 0; j < STAGES - 1; ++j) issue(sb + j);  // weights only: may overlap the previous kernel
-#if PF > 0
-  prefetch(sb + STAGES - 1, sb + STAGES - 1 + PF);
-#endif
   GRID_WAIT();    // x (and the memory `out` reuses) belong to earlier kernels from here on
   GRID_LAUNCH();
   V4 va[KC][4], vb[KC][4];
@@ -367,9 +331,6 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
     cp_wait<STAGES - 2>();  // this lane's copies of step i have landed
     __syncwarp();           // ... and the other lanes', and all lanes are done with step i - 1
     issue(i + STAGES - 1);  // into the stage step i - 1 used
-#if PF > 0
-    prefetch(i + STAGES - 1 + PF, i + STAGES + PF);
-#endif
     V4 na[KC][4], nb[KC][4];
     load_x(i + 1, na, nb);
     const Stage& S = st[i & (STAGES - 1)];
@@ -549,16 +510,13 @@ class CudaConfig:
     blocks per multiprocessor given to ``__launch_bounds__`` (0: none). It steers ptxas's register
     budget: without it ptxas keeps most configs at 128 registers (16 warps per multiprocessor);
     minb = 1 lets it use more (140-174 for the larger configs, fewer resident warps, more loads
-    in flight per warp). Neither wins everywhere, so ``tune`` times both. pf: steps of L2 prefetch
-    (``cp.async.bulk.prefetch.L2``) ahead of the copy pipeline; the first pf are prefetched before
-    GRID_WAIT, while the previous kernel may still run (0: none)."""
+    in flight per warp). Neither wins everywhere, so ``tune`` times both."""
 
     nt: int
     kw: int
     stages: int
     kc: int = 1
     minb: int = 0  # __launch_bounds__ minimum blocks per multiprocessor (0: no hint)
-    pf: int = 0  # steps of L2 prefetch ahead of the shared-memory pipeline (0: none)
 
     def smem_bytes(self) -> int:
         return self.kw * self.stages * self.nt * self.kc * STAGE_BYTES  # the reduction reuses it
@@ -604,7 +562,7 @@ def compile_error(device: torch.device | str) -> str | None:
 
 def _defines(cfg: CudaConfig, bf16: bool, gch: int, symmetric: bool, has_bias: bool, mrows2: bool,
              dequant: bool = False) -> tuple[tuple[str, int], ...]:
-    return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("MINB", cfg.minb), ("PF", cfg.pf),
+    return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("MINB", cfg.minb),
             ("BF16", int(bf16)), ("GCH", gch),
             ("SYMMETRIC", int(symmetric)), ("HAS_BIAS", int(has_bias)), ("MROWS2", int(mrows2)),
             ("CHUNK_COLS", CHUNK), ("DEQUANT", int(dequant)),
@@ -642,8 +600,8 @@ def candidate_configs(m: int, n: int) -> list[CudaConfig]:
     # (An L2::256B prefetch-size hint on the weight copies was tried as a further option: within
     # +-2% of these on every shape and row count, so it was dropped.)
     # (Asking for 20 resident warps, i.e. at most 96 registers, was timed too and never won.)
-    cfgs = [CudaConfig(nt, kw, st, kc, mb, pf) for mb in (0, 1) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8)
-            for st in (2, 4) for pf in ((0, 2, 8, 64) if st == 2 else (0,))]
+    cfgs = [CudaConfig(nt, kw, st, kc, mb) for mb in (0, 1) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8)
+            for st in (2, 4)]
     return [c for c in cfgs if c.smem_bytes() <= SMEM_LIMIT]
 
 
