@@ -71,7 +71,7 @@ for name, mod in list(m.named_modules()):
         set_submodule(m, name, QuantizedLinear.from_codes(q, s, z, default_g_idx(mod.in_features, 128), 4, 128, False))
 save_checkpoint(m, None, "/tmp/tiny-w4g128", overwrite=True)
 p = argparse.ArgumentParser(); bench.register(p.add_subparsers())
-for extra in ([], ["--json"], ["--json", "--mode", "compile"]):
+for extra in ([], ["--json"], ["--json", "--mode", "compile"], ["--json", "--mode", "compile", "--inductor-pdl"]):
     a = p.parse_args(["bench", "/tmp/tiny-w4g128", "--device", "cuda", "--prompt", "128", "--generate", "32"] + extra)
     a.func(a)
 PY
