@@ -553,7 +553,10 @@ def test_bench_json_contract_on_tiny_checkpoint(tmp_path, capsys):
     for key in ("prefill_ms", "decode_tokens_per_s", "baseline_decode_tokens_per_s", "baseline_prefill_ms"):
         assert out[key] > 0, key
     assert out["kernels"] == {"cpu-int4": 14}
+    assert out["cpu_prefill"] == "auto"
     assert json.loads((tmp_path / "r.json").read_text())["prompt"] == 8
+    with pytest.raises(SystemExit):  # argparse names the allowed values
+        parser.parse_args(["bench", str(tmp_path / "ck"), "--cpu-prefill", "fp16"])
 
 
 def test_bench_rejects_bad_numbers(tmp_path):

@@ -151,7 +151,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"checkpoint": str(folder), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                               "batch": args.batch, "prompt": args.prompt, "generate": args.generate,
                               "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "inductor_pdl": args.inductor_pdl}
+                              "inductor_pdl": args.inductor_pdl, "cpu_prefill": args.cpu_prefill}
     with torch.inference_mode():
         if quantized:
             from compress.formats import load_quantized
