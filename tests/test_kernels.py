@@ -249,6 +249,7 @@ def test_cpu_backend_runs_prefill_densely_and_decode_on_int4(monkeypatch):
     assert calls == [(1, 1, 256)]
     # bf16 dense product: its own threshold, bf16-level error, never the int4 kernel
     accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_prefill="bf16")
+    assert layer._backend.dense_dtype == torch.bfloat16
     calls.clear()
     rows = dispatch.CPU_BF16_DENSE_MIN_ROWS
     big = torch.randn(1, rows, 256)

@@ -94,7 +94,7 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
 
 def fast_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16, which oneDNN
-    uses for torch's bf16 GEMMs; this machine's AMX: about 4x fp32 at 128 rows,
+    uses for torch's bf16 GEMMs; with session 5's AMX about 4x fp32 at 128 rows,
     ``bench/cpu_crossover.py``). Elsewhere bf16 GEMMs are emulated and slower than fp32."""
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")

@@ -129,7 +129,8 @@ CPU_DENSE_MIN_ROWS = 20
 #: with AMX / AVX512-BF16). On such a CPU (session 5's: AMX) the int4 kernel is also about 3x faster
 #: than on session 4's, so dense wins later: summed over one SmolLM2 block, int4 1.92 vs dense bf16
 #: 1.98 ms at 32 rows, 2.37 vs 2.11 at 40 (``python bench/cpu_crossover.py``, 1 thread,
-#: docs/kernels.md); between the two. (CPU_DENSE_MIN_ROWS above was measured on session 4's CPU.)
+#: docs/kernels.md), so the switch sits between them. (CPU_DENSE_MIN_ROWS above was measured on
+#: session 4's CPU, which is where the fp32 path matters.)
 CPU_BF16_DENSE_MIN_ROWS = 36
 
 
