@@ -683,9 +683,11 @@ def test_cuda_w4a16_every_config_and_row_count(n, k, gs, sym, act, bias, dtype):
     bound = 3e-3 if dtype == torch.float16 else 1.5e-2
     # each NT, KW, U and minb value at least once (candidate_configs has them all; the benchmark checks
     # the error of the config it picks)
+    # (1, 8, 4, 2) and (2, 4, 8, 1) need 78 KB of shared memory: the opt-in above 48 KB
     configs = [cw.CudaConfig(*c) for c in ((1, 2, 2, 1), (1, 8, 4, 1), (2, 4, 4, 1), (2, 8, 2, 1),
-                                            (1, 4, 2, 2), (1, 2, 4, 2), (2, 4, 2, 2), (1, 8, 2, 2, 1), (2, 4, 2, 2, 1))]
-    assert all(c in cw.candidate_configs(16, n) for c in configs)
+                                            (1, 4, 2, 2), (1, 2, 4, 2), (2, 4, 2, 2), (1, 8, 2, 2, 1), (2, 4, 2, 2, 1),
+                                            (1, 2, 8, 2, 1), (1, 8, 4, 2), (2, 4, 8, 1))]
+    assert all(c in cw.candidate_configs(16, n, cw.smem_limit("cuda")) for c in configs)
     for m in (1, 2, 8, 9, 16):
         for cfg in configs:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -701,6 +703,17 @@ def test_cuda_w4a16_every_config_and_row_count(n, k, gs, sym, act, bias, dtype):
         w = torch.empty_like(w).index_copy_(1, wt.perm.long(), w)
     assert rel_err(w, w64) < (1e-3 if dtype == torch.float16 else 8e-3)
     assert torch.equal(wt.restore_codes().cpu(), layer.qweight)
+
+
+def test_cuda_candidate_configs_fit_the_shared_memory_they_are_given():
+    from compress.kernels import cuda_w4a16 as cw
+
+    small, large = cw.candidate_configs(1, 4096), cw.candidate_configs(1, 4096, 227 * 1024)
+    assert small and all(c.smem_bytes() <= cw.SMEM_LIMIT for c in small)
+    assert set(small) < set(large) and all(c.smem_bytes() <= 227 * 1024 for c in large)
+    # the deeper pipelines only dynamic shared memory allows: every warp of 8 with 4 stages of 256 columns
+    assert cw.CudaConfig(1, 8, 4, 2) in large and cw.CudaConfig(1, 8, 4, 2) not in small
+    assert all(c.stages in (2, 4, 8) for c in large)
 
 
 @pytest.mark.gpu

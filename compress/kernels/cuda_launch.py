@@ -16,6 +16,8 @@ import torch
 
 
 _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID in cuda.h
+_FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute in cuda.h
+_DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a block gets without opting in
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8, a 64-byte union
@@ -39,6 +41,8 @@ def _libcuda() -> ctypes.CDLL:
     lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
                                      ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
     lib.cuLaunchKernelEx.restype = ctypes.c_int
+    lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.cuFuncSetAttribute.restype = ctypes.c_int
     return lib
 
 
@@ -52,13 +56,21 @@ class Launcher:
     rewrites the pointers and sizes that change (eager decode spends its time on the host, so
     building eleven ctypes objects per layer and token mattered). ``pdl``: launch with the
     programmatic-stream-serialization attribute (``cuLaunchKernelEx``) so that the kernel's weight
-    copies overlap the previous kernel's tail (see GRID_WAIT in the source). Not thread-safe: one
-    launcher per layer, called from one thread."""
+    copies overlap the previous kernel's tail (see GRID_WAIT in the source). ``shared``: bytes of
+    dynamic shared memory per block (above 48 KB the function is opted in once, here). Not
+    thread-safe: one launcher per layer, called from one thread."""
 
-    def __init__(self, kernel: Any, grid: tuple[int, int], block: int, args: list[Any], pdl: bool):
+    def __init__(self, kernel: Any, grid: tuple[int, int], block: int, args: list[Any], pdl: bool,
+                 shared: int = 0):
         self.func = kernel.func
         self.grid = grid
         self.block = block
+        self.shared = shared
+        if shared > _DEFAULT_SHARED:
+            res = _libcuda().cuFuncSetAttribute(self.func, _FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
+            if res != 0:
+                raise RuntimeError(f"cuFuncSetAttribute(max dynamic shared memory = {shared}) failed with "
+                                   f"CUresult {res}")
         self.holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
                         else ctypes.c_void_p(None) if a is None else ctypes.c_int(a) for a in args]
         self.params = (ctypes.c_void_p * len(self.holders))(*[ctypes.addressof(h) for h in self.holders])
@@ -70,7 +82,7 @@ class Launcher:
         if pdl:
             self.attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
             self.config = _LaunchConfig(gridDimX=grid[0], gridDimY=grid[1], gridDimZ=1, blockDimX=block,
-                                        blockDimY=1, blockDimZ=1, sharedMemBytes=0,
+                                        blockDimY=1, blockDimZ=1, sharedMemBytes=shared,
                                         attrs=ctypes.pointer(self.attr), numAttrs=1)
 
     def set(self, i: int, value: int) -> None:
@@ -82,7 +94,7 @@ class Launcher:
             self.config.hStream = stream
             res = lib.cuLaunchKernelEx(ctypes.byref(self.config), self.func, self.params, None)
         else:
-            res = lib.cuLaunchKernel(self.func, self.grid[0], self.grid[1], 1, self.block, 1, 1, 0,
+            res = lib.cuLaunchKernel(self.func, self.grid[0], self.grid[1], 1, self.block, 1, 1, self.shared,
                                      ctypes.c_void_p(stream), self.params, None)
         if res != 0:
             raise RuntimeError(f"cuLaunchKernel{'Ex' if self.pdl else ''} failed with CUresult {res}")

@@ -226,7 +226,10 @@ extern "C" __global__ void BOUNDS
 w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ sc,
           const u8* __restrict__ zp, const float* __restrict__ bias, u16* __restrict__ out,
           int M, int N, int K, int KP, int ldx, int ldo) {
-  __shared__ Stage stages[KW][STAGES];
+  // Dynamic shared memory (KW * STAGES stages, sized by the launch): pipelines deeper than the 48 KB
+  // of static shared memory allow, e.g. every step of a short K slice in flight at once.
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Stage (*stages)[STAGES] = reinterpret_cast<Stage (*)[STAGES]>(smem_raw);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wk = threadIdx.x >> 5;
   const int n0 = blockIdx.x * (16 * NT);
   const int nsteps = KP / STEP_COLS;
@@ -418,8 +421,8 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
 #if KW > 1
   // Partial sums of warps 1.. meet warp 0's in the (now idle) pipeline stages.
   typedef float Red[NT * MH * 4][32];
-  Red* red = reinterpret_cast<Red*>(&stages[0][0]);
-  static_assert(sizeof(Red) * (KW - 1) <= sizeof(stages), "reduction buffer larger than the stages");
+  Red* red = reinterpret_cast<Red*>(smem_raw);
+  static_assert(sizeof(Red) * (KW - 1) <= sizeof(Stage) * KW * STAGES, "reduction buffer larger than the stages");
   __syncthreads();  // every warp is done reading its stages
   if (wk > 0) {
 #pragma unroll
@@ -499,13 +502,21 @@ _GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH 
 
 
 STAGE_BYTES = 1024 + 128 + 64  # per 16-row tile, 128 columns and stage: codes, scales, zeros
-SMEM_LIMIT = 48 * 1024  # static shared memory per block
+SMEM_LIMIT = 48 * 1024  # shared memory per block without the opt-in attribute (what any GPU allows)
+
+
+def smem_limit(device: torch.device | str) -> int:
+    """Most dynamic shared memory one block may opt in to on ``device`` (H100: 227 KB, A100: 163 KB);
+    48 KB where torch does not report it."""
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return max(SMEM_LIMIT, int(getattr(props, "shared_memory_per_block_optin", 0) or 0))
 
 
 @dataclass(frozen=True)
 class CudaConfig:
     """nt: 16-row mma tiles per warp; kw: warps per block, each a slice of K; stages: depth of each
-    warp's copy pipeline (a power of two; steps in flight: stages - 1); kc: 128-column halves per
+    warp's copy pipeline (2, 4 or 8; steps in flight: stages - 1; the stages live in dynamic shared
+    memory, so configs above 48 KB per block run where the GPU allows the opt-in); kc: 128-column halves per
     step (kc = 2: each copy instruction reads whole 128-byte lines of 4 rows); minb: the minimum
     blocks per multiprocessor given to ``__launch_bounds__`` (0: none). It steers ptxas's register
     budget: without it ptxas keeps most configs at 128 registers (16 warps per multiprocessor);
@@ -595,14 +606,15 @@ def default_config(m: int, n: int, sm_count: int = 132) -> CudaConfig:
     return CudaConfig(nt=nt, kw=kw, stages=2, kc=kc)
 
 
-def candidate_configs(m: int, n: int) -> list[CudaConfig]:
-    """The configs ``tune`` times (all within the static shared-memory limit)."""
+def candidate_configs(m: int, n: int, max_smem: int = SMEM_LIMIT) -> list[CudaConfig]:
+    """The configs ``tune`` times: those whose stages fit ``max_smem`` bytes per block (pass
+    ``smem_limit(device)`` to include pipelines deeper than 48 KB allows)."""
     # (An L2::256B prefetch-size hint on the weight copies was tried as a further option: within
     # +-2% of these on every shape and row count, so it was dropped.)
     # (Asking for 20 resident warps, i.e. at most 96 registers, was timed too and never won.)
     cfgs = [CudaConfig(nt, kw, st, kc, mb) for mb in (0, 1) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8)
-            for st in (2, 4)]
-    return [c for c in cfgs if c.smem_bytes() <= SMEM_LIMIT]
+            for st in (2, 4, 8)]
+    return [c for c in cfgs if c.smem_bytes() <= max_smem]
 
 
 def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -634,7 +646,8 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
             cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8))
         run = launchers[key] = Launcher(
             kern, (-(-n // (16 * cfg.nt)), 1), 32 * cfg.kw,
-            [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0], wt.pdl)
+            [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0], wt.pdl,
+            shared=cfg.smem_bytes())
     # arguments 0 x, 5 out, 6 M, 10 ldx, 11 ldo change per call; the weight's tensors do not
     run.set(0, x2d.data_ptr())
     run.set(5, out.data_ptr())

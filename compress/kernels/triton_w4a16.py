@@ -629,7 +629,7 @@ def tune(wt: W4A16Weight, m: int, dtype: torch.dtype = torch.float16,
         if wt.kernel == "cuda":
             from compress.kernels import cuda_w4a16
 
-            candidates = cuda_w4a16.candidate_configs(m, wt.out_features)
+            candidates = cuda_w4a16.candidate_configs(m, wt.out_features, cuda_w4a16.smem_limit(wt.words.device))
         else:
             candidates = candidate_configs(m, wt.out_features, wt.n_blocks, wt.width)
     wt.scales_for(dtype)  # converted before any capture
