@@ -8,7 +8,7 @@ RTN INT4 g128, tunes it for batch 1, times compiled decode (``time_generation(mo
 inductor_pdl=True)``), then overrides every layer's batch-1 config and times again:
 
 - ``stages4`` / ``stages8``: the tuned config with a deeper copy pipeline (fewer warps per block where
-  the static shared memory would overflow);
+  48 KB per block would overflow; with ``--dynamic-smem`` only where the device's opt-in limit would);
 - ``half_kw``: half the warps per block, 4 stages where they fit;
 - ``default_config``: ``cuda_w4a16.default_config``, untuned;
 - ``tuned again``: back to the tuned configs (the spread between the two tuned rows is the noise).
@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--generate", type=int, default=64)
+    ap.add_argument("--dynamic-smem", action="store_true",
+                    help="deeper configs may use the device's opt-in shared memory (session 5) instead of "
+                         "shrinking to 48 KB per block as session 4 did")
     args = ap.parse_args(argv)
     model = random_llama({**LLAMA2_7B, "num_hidden_layers": args.layers})
     quantize_linears(model, 128, False)
@@ -56,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tag:15} {r['decode_ms_per_token']:.4f} ms/token  tokens_match_eager={r['tokens_match_eager']}  "
               f"configs {sorted({(shape(w), tuple(dataclasses.astuple(w.configs[1]))) for w in wts})}", flush=True)
 
+    limit = cw.smem_limit("cuda") if args.dynamic_smem else cw.SMEM_LIMIT
+
     def fitted(c: cw.CudaConfig, base: cw.CudaConfig) -> cw.CudaConfig:
-        if c.smem_bytes() > cw.SMEM_LIMIT:  # fewer warps per block, same shared memory per block
+        if c.smem_bytes() > limit:  # fewer warps per block, same shared memory per block
             c = dataclasses.replace(c, kw=max(1, c.kw * base.stages // c.stages))
-        return c if c.smem_bytes() <= cw.SMEM_LIMIT else base
+        return c if c.smem_bytes() <= limit else base
 
     run("tuned")
     for stages in (4, 8):
