@@ -515,8 +515,8 @@ def smem_limit(device: torch.device | str) -> int:
 @dataclass(frozen=True)
 class CudaConfig:
     """nt: 16-row mma tiles per warp; kw: warps per block, each a slice of K; stages: depth of each
-    warp's copy pipeline (2, 4 or 8; steps in flight: stages - 1; the stages live in dynamic shared
-    memory, so configs above 48 KB per block run where the GPU allows the opt-in); kc: 128-column halves per
+    warp's copy pipeline (a power of two; steps in flight: stages - 1; the stages live in dynamic
+    shared memory, so configs above 48 KB per block run where the GPU allows the opt-in); kc: 128-column halves per
     step (kc = 2: each copy instruction reads whole 128-byte lines of 4 rows); minb: the minimum
     blocks per multiprocessor given to ``__launch_bounds__`` (0: none). It steers ptxas's register
     budget: without it ptxas keeps most configs at 128 registers (16 warps per multiprocessor);
@@ -612,8 +612,10 @@ def candidate_configs(m: int, n: int, max_smem: int = SMEM_LIMIT) -> list[CudaCo
     # (An L2::256B prefetch-size hint on the weight copies was tried as a further option: within
     # +-2% of these on every shape and row count, so it was dropped.)
     # (Asking for 20 resident warps, i.e. at most 96 registers, was timed too and never won.)
+    # (8 stages, up to 155 KB per block with dynamic shared memory, never won on the H100: session 5,
+    # docs/kernels.md. What dynamic memory did add is 2 tiles x 8 warps x 256 columns, 78 KB: 4096^2.)
     cfgs = [CudaConfig(nt, kw, st, kc, mb) for mb in (0, 1) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8)
-            for st in (2, 4, 8)]
+            for st in (2, 4)]
     return [c for c in cfgs if c.smem_bytes() <= max_smem]
 
 
