@@ -73,19 +73,29 @@ def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tenso
     return (torch.arange(in_features, device=device) // group_size).to(torch.int32)
 
 
+def has_contiguous_groups(g_idx: torch.Tensor, in_features: int, n_groups: int) -> bool:
+    """Whether the groups are ``n_groups`` equal runs of consecutive columns (no act-order)."""
+    return in_features % n_groups == 0 and torch.equal(
+        g_idx.cpu().int(), default_g_idx(in_features, in_features // n_groups))
+
+
+def dequantize_grouped(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """``dequantize_weight`` for contiguous equal groups (``has_contiguous_groups``): broadcast per
+    group instead of gathering an [out, in] index twice (same arithmetic, same values; several times
+    faster), in place in one float32 [out, in] buffer."""
+    n, k = q.shape
+    n_groups = scales.shape[1]
+    w = q.view(n, n_groups, k // n_groups).float()
+    w.sub_(zeros.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1))
+    return w.view(n, k)
+
+
 def dequantize_weight(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
 ) -> torch.Tensor:
     """w[o, i] = (q[o, i] - zeros[o, g_idx[i]]) * scales[o, g_idx[i]] in float32."""
-    n, k = q.shape
-    n_groups = scales.shape[1]
-    if k % n_groups == 0 and torch.equal(g_idx.cpu().int(), default_g_idx(k, k // n_groups)):
-        # contiguous equal groups (no act-order): broadcast per group instead of gathering an
-        # [out, in] index twice (same arithmetic, same values; several times faster)
-        gs = k // n_groups
-        w = q.view(n, n_groups, gs).float()
-        w.sub_(zeros.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1))  # in place: one [out, in] buffer
-        return w.view(n, k)
+    if has_contiguous_groups(g_idx, q.shape[1], scales.shape[1]):
+        return dequantize_grouped(q, scales, zeros)
     g = g_idx.long()
     return (q.float() - zeros.float()[:, g]) * scales.float()[:, g]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.algos.quant import default_g_idx
+from compress.algos.quant import dequantize_grouped, dequantize_weight, has_contiguous_groups
 from compress.kernels import layout
 
 SUPPORTED_GROUPS = (32, 64, 128, 256)
@@ -94,8 +94,9 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
 
 def fast_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16, which oneDNN
-    uses for torch's bf16 GEMMs; with session 5's AMX about 4x fp32 at 128 rows,
-    ``bench/cpu_crossover.py``). Elsewhere bf16 GEMMs are emulated and slower than fp32."""
+    uses for torch's bf16 GEMMs; with session 5's AMX, dequantize + bf16 GEMM took 0.81 ms against
+    1.82 for dequantize + fp32 on a 1536x576 layer at 128 rows, ``bench/cpu_crossover.py``).
+    Elsewhere bf16 GEMMs are emulated and slower than fp32."""
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
@@ -108,31 +109,24 @@ def dense_linear(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     layer's own forward. bfloat16: the weight is the float32 dequantized value rounded once to bf16,
     activations are rounded to bf16, the GEMM accumulates in fp32 (oneDNN); the bias is added in
     x's dtype."""
-    from compress.algos.quant import dequantize_weight
-
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dense CPU path computes in float32 or bfloat16, not {dtype}")
-    n, k = qweight.shape
-    n_groups = scales.shape[1]
-    contiguous = k % n_groups == 0 and torch.equal(g_idx.int(), default_g_idx(k, k // n_groups))
-    if contiguous:
-        # broadcast per group over a view of the codes (no index gathers, no g_idx check per call)
-        codes = qweight.view(n, n_groups, k // n_groups)
-        s3, z3 = scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1)
-        # bf16: exact fp32 values, rounded once, made in row blocks of ~256 KB so the fp32 temporary
-        # stays in cache (bf16 arithmetic in torch's CPU kernels was slower: docs/kernels.md)
-        rows = max(1, (1 << 16) // k)
+    n = qweight.shape[0]
+    contiguous = has_contiguous_groups(g_idx, qweight.shape[1], scales.shape[1])
+    # bf16 from contiguous groups: exact fp32 values, rounded once, made in row blocks of ~256 KB so
+    # the fp32 temporary stays in cache (bf16 arithmetic in torch's CPU kernels was slower:
+    # docs/kernels.md)
+    rows = max(1, (1 << 16) // qweight.shape[1])
 
-        def weight() -> torch.Tensor:
-            if dtype == torch.float32:
-                return codes.float().sub_(z3).mul_(s3).view(n, k)
-            w = torch.empty(n, n_groups, k // n_groups, dtype=dtype)
-            for r in range(0, n, rows):
-                w[r:r + rows].copy_(codes[r:r + rows].float().sub_(z3[r:r + rows]).mul_(s3[r:r + rows]))
-            return w.view(n, k)
-    else:
-        def weight() -> torch.Tensor:
+    def weight() -> torch.Tensor:
+        if not contiguous:
             return dequantize_weight(qweight, scales, zeros, g_idx).to(dtype)
+        if dtype == torch.float32:
+            return dequantize_grouped(qweight, scales, zeros)
+        w = torch.empty(qweight.shape, dtype=dtype)
+        for r in range(0, n, rows):
+            w[r:r + rows].copy_(dequantize_grouped(qweight[r:r + rows], scales[r:r + rows], zeros[r:r + rows]))
+        return w
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = torch.nn.functional.linear(x.to(dtype), weight()).to(x.dtype)
