@@ -17,7 +17,7 @@ import torch
 
 _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID in cuda.h
 _FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute in cuda.h
-_DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a block gets without opting in
+DEFAULT_SHARED_BYTES = 48 * 1024  # shared memory a block may use without opting in (any GPU)
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding to 8, a 64-byte union
@@ -66,7 +66,7 @@ class Launcher:
         self.grid = grid
         self.block = block
         self.shared = shared
-        if shared > _DEFAULT_SHARED:
+        if shared > DEFAULT_SHARED_BYTES:
             res = _libcuda().cuFuncSetAttribute(self.func, _FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
             if res != 0:
                 raise RuntimeError(f"cuFuncSetAttribute(max dynamic shared memory = {shared}) failed with "

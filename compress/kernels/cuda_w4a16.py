@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from compress.kernels.cuda_launch import Launcher, launch, pdl_supported  # noqa: F401 (re-exported)
+from compress.kernels.cuda_launch import DEFAULT_SHARED_BYTES, Launcher, launch, pdl_supported  # noqa: F401 (re-exported)
 
 
 log = logging.getLogger(__name__)
@@ -226,8 +226,9 @@ extern "C" __global__ void BOUNDS
 w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ sc,
           const u8* __restrict__ zp, const float* __restrict__ bias, u16* __restrict__ out,
           int M, int N, int K, int KP, int ldx, int ldo) {
-  // Dynamic shared memory (KW * STAGES stages, sized by the launch): pipelines deeper than the 48 KB
-  // of static shared memory allow, e.g. every step of a short K slice in flight at once.
+  // Dynamic shared memory (KW * STAGES stages, sized by the launch), so that a block may hold more
+  // than the 48 KB of static shared memory (on the H100 two tiles x 8 warps x 256 columns, 78 KB,
+  // wins on 4096^2; deeper pipelines did not: docs/kernels.md).
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Stage (*stages)[STAGES] = reinterpret_cast<Stage (*)[STAGES]>(smem_raw);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wk = threadIdx.x >> 5;
@@ -502,7 +503,7 @@ _GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH 
 
 
 STAGE_BYTES = 1024 + 128 + 64  # per 16-row tile, 128 columns and stage: codes, scales, zeros
-SMEM_LIMIT = 48 * 1024  # shared memory per block without the opt-in attribute (what any GPU allows)
+SMEM_LIMIT = DEFAULT_SHARED_BYTES  # shared memory per block without the opt-in attribute (what any GPU allows)
 
 
 def smem_limit(device: torch.device | str) -> int:

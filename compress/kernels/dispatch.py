@@ -220,6 +220,7 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
 
     triton_ok = _triton_status() if backend in ("auto", "triton") else (False, "not requested")
     cpu_ok = cpu_int4.available()
+    dense_dtype = _cpu_prefill_dtype(cpu_prefill)  # cpu-int4 layers' prefill arithmetic, asked once
     report = AccelerationReport(requested=backend)
     mods = {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)}
     choice = {name: _choose(mod, backend, triton_ok, cpu_ok) for name, mod in mods.items()}
@@ -241,7 +242,6 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
                 # the packed words hold the codes: free the uint8 copy (see the module docstring)
                 mod.release_codes(fn.restore_codes)
             elif path == "cpu-int4":
-                dense_dtype = _cpu_prefill_dtype(cpu_prefill)
                 mod.set_backend(_cpu_backend(mod, dense_dtype))
                 reason += f"; prefill-sized inputs: dequantize + dense {str(dense_dtype)[6:]} GEMM"
             else:
