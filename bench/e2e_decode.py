@@ -5,8 +5,9 @@ Times prefill and decode with a static KV cache, eagerly and with the decode ste
 CUDA graph (``compress.kernels.gpu_timing``); then quantizes every decoder linear layer with
 ``rtn_quantize`` (lm_head stays fp16), and for each ``--variants`` entry installs the GPU kernels via
 ``accelerate`` with those options (``fused_pdl``: q/k/v and gate/up stacked into one launch each,
-programmatic dependent launch, the default; ``pdl``: one launch per layer with PDL; ``plain``: one
-plain launch per layer), tunes them for batch 1, checks the model's logits against the dequantize
+programmatic dependent launch, RMSNorms / SiLU gate / residual adds inside the launches
+(``compress.kernels.fused_block``), the default; ``stacked_pdl``: the same without the block fusion;
+``pdl``: one launch per layer with PDL; ``plain``: one plain launch per layer), tunes them for batch 1, checks the model's logits against the dequantize
 reference path, reports GPU memory after the uint8 codes are released, and times it again.
 
 ``cpu``: a local model folder (default: the prepared SmolLM2-135M) in float32 vs the same model with
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.adapters import set_submodule  # noqa: E402
 from compress.algos.quant import default_g_idx, rtn_quantize, rtn_quantize_permuted  # noqa: E402
-from compress.kernels import accelerate, tune_triton  # noqa: E402
+from compress.kernels import accelerate, fused_block, tune_triton  # noqa: E402
 from compress.kernels.dispatch import packed_weights  # noqa: E402
 from compress.nn.qlinear import QuantizedLinear  # noqa: E402
 
@@ -75,7 +76,8 @@ def logits_check(model: nn.Module, vocab: int, tokens: int = 16) -> float:
     for n, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
             m.set_backend(None)
-    ref = model(ids).logits.double()
+    with fused_block.suspended(model):  # fused blocks call their kernels directly: the class forward
+        ref = model(ids).logits.double()
     for n, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
             m.set_backend(saved[n])
@@ -85,7 +87,8 @@ def logits_check(model: nn.Module, vocab: int, tokens: int = 16) -> float:
 MODES = ("eager", "cuda_graph", "compile", "compile_pdl")  # compile_pdl: Inductor's kernels with PDL too
 
 VARIANTS = {  # name -> accelerate() options
-    "fused_pdl": dict(fuse=True, pdl=True),  # the default of accelerate
+    "fused_pdl": dict(fuse=True, pdl=True),  # the default of accelerate (stacked launches, fused blocks)
+    "stacked_pdl": dict(fuse=True, pdl=True, fuse_blocks=False),  # sessions 3-5's default: no block fusion
     "pdl": dict(fuse=False, pdl=True),
     "plain": dict(fuse=False, pdl=False),  # one launch per layer, plain launches (session 2's path)
 }
@@ -192,6 +195,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
         packed = packed_weights(model)
         info["kernels"] = report.counts()
         info["fused_groups"] = len(report.fused)
+        info["fused_blocks"] = report.fused_blocks
         info["packed_kernels"] = dict(Counter(getattr(w, "kernel", "?") for w in {id(w): w for w in packed.values()}.values()))
         info["tuned"] = {str(k): v.as_dict() for k, v in tune_triton(model, (1,)).items()}
         info["prepare_s"] = time.time() - t0
@@ -203,7 +207,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
             if isinstance(mod, QuantizedLinear) and hasattr(mod._backend, "restore_codes"):
                 mod.release_codes(mod._backend.restore_codes)
         torch.cuda.empty_cache()
-        print(f"{variant}: {report.counts()} ({len(report.fused)} fused groups, kernels {info['packed_kernels']}), "
+        print(f"{variant}: {report.counts()} ({len(report.fused)} fused groups, {report.fused_blocks} fused blocks, "
+              f"kernels {info['packed_kernels']}), "
               f"logits rel err vs dequant {info['logits_rel_err_vs_dequant']:.2e}, GPU memory "
               f"{info['allocated_gib']:.2f} GiB", flush=True)
         timed(f"int4_{variant}")

@@ -49,6 +49,18 @@ class ArchFacts:
 
 
 @dataclass(frozen=True)
+class DecodeBlock:
+    """Names (relative to a decoder block) of a block computing
+    ``h = h + attn(norm1(h)); h = h + down(silu(gate(norm2(h))) * up(norm2(h)))`` with RMSNorms
+    ``weight * x / rms(x)`` (not Gemma's ``(1 + weight)``); the projections are the adapter's
+    ``attn`` and ``mlp`` entries."""
+
+    input_norm: str = "input_layernorm"
+    post_attention_norm: str = "post_attention_layernorm"
+    attention: str = "self_attn"
+
+
+@dataclass(frozen=True)
 class Adapter:
     model_type: str
     #: dotted path from the CausalLM to the ModuleList of decoder blocks
@@ -71,6 +83,9 @@ class Adapter:
     layer_prefix_keys: tuple[str, ...] = ()
     #: architecture facts for FLOP/byte counting (roofline); None for generically discovered models
     arch: ArchFacts | None = None
+    #: pre-norm block with RMSNorms and a SiLU-gated MLP whose norms, activation and residual adds the
+    #: W4A16 kernels can take over at decode (``compress.kernels.fused_block``); None: not known to be
+    decode_block: DecodeBlock | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -134,6 +149,7 @@ _LLAMA_LIKE = dict(
     attn={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"},
     mlp={"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
     head_dim_key="head_dim",
+    decode_block=DecodeBlock(),
 )
 
 _LLAMA_ARCH = ArchFacts(norm="rms", mlp="gated", act_flops=5.0, qkv_bias=("attention_bias", False),

@@ -385,7 +385,7 @@ def test_accelerate_stacks_qkv_and_gate_up_into_one_launch(monkeypatch):
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         ref = model(ids).logits
-        report = accelerate(model, backend="triton")
+        report = accelerate(model, backend="triton", fuse_blocks=False)  # fused blocks: test_fused_block.py
         calls.clear()
         fast = model(ids).logits
     attn = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"]
@@ -420,7 +420,7 @@ def test_stacked_projections_trace_under_torch_compile_in_one_graph(monkeypatch)
 
     with torch.no_grad():
         ref = model(ids).logits
-        accelerate(model, backend="triton")
+        accelerate(model, backend="triton", fuse_blocks=False)
         torch._dynamo.reset()
         got = torch.compile(model, backend=count, fullgraph=True)(ids).logits
     torch._dynamo.reset()

@@ -58,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "captured (default: cuda_graph)")
     r.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="GPU: one launch per quantized layer (default: q/k/v and gate/up stacked into one launch each)")
+    r.add_argument("--no-fuse-blocks", dest="fuse_blocks", action="store_false",
+                   help="GPU: keep RMSNorms, SiLU(gate) * up and residual adds out of the W4A16 launches "
+                        "(default: inside them, in decoder blocks the adapter table describes; "
+                        "compress.kernels.fused_block)")
     r.add_argument("--no-pdl", dest="pdl", action="store_false",
                    help="GPU: plain kernel launches (default: programmatic dependent launch on sm_90+)")
     r.add_argument("--inductor-pdl", action="store_true",
@@ -90,8 +94,10 @@ def _densify(model) -> int:
     from torch import nn
 
     from compress.adapters import set_submodule
+    from compress.kernels import fused_block
     from compress.nn.qlinear import QuantizedLinear
 
+    fused_block.uninstall(model)  # fused blocks call the packed weights directly
     names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name in names:
         q = model.get_submodule(name)
@@ -159,15 +165,19 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             model, _ = load_quantized(folder, device=str(device), dtype=dtype)
             model.to(device)
             report = accelerate(model, backend=args.backend, fuse=args.fuse, pdl=args.pdl,
-                                cpu_prefill=args.cpu_prefill)
+                                cpu_prefill=args.cpu_prefill, fuse_blocks=args.fuse_blocks)
             result["kernels"] = report.counts()
             result["fused_groups"] = len(report.fused)
+            result["fused_blocks"] = report.fused_blocks
             if device.type == "cuda" and args.tune and args.batch <= 16 and (
                     {"cuda", "triton"} & set(report.layers.values())):
                 from compress.kernels import tune_triton
 
                 tuned = tune_triton(model, (args.batch,))  # decode rows; prefill dequantizes (M > 16)
-                result["tuned"] = {f"{m}x{n}x{k}": c.as_dict() for (m, n, k), c in tuned.items()}
+                # keys (M, N, K) for plain launches, (M, N, K, "fused", norm, silu, residual) for fused ones
+                result["tuned"] = {"x".join(map(str, key[:3])) + ("" if len(key) == 3 else "+" + "+".join(
+                    f for f, on in zip(("norm", "silu", "residual"), key[4:]) if on)): c.as_dict()
+                    for key, c in tuned.items()}
             comp = _measure(model, args, device)
             result.update({k: comp[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "mode")})
             result["runs"] = {"compressed": comp}

@@ -72,7 +72,8 @@ class Launcher:
                 raise RuntimeError(f"cuFuncSetAttribute(max dynamic shared memory = {shared}) failed with "
                                    f"CUresult {res}")
         self.holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
-                        else ctypes.c_void_p(None) if a is None else ctypes.c_int(a) for a in args]
+                        else ctypes.c_void_p(None) if a is None
+                        else ctypes.c_float(a) if isinstance(a, float) else ctypes.c_int(a) for a in args]
         self.params = (ctypes.c_void_p * len(self.holders))(*[ctypes.addressof(h) for h in self.holders])
         self.pdl = pdl
         # The first launch is a plain one: the weight's tensors may have been written by the kernel
@@ -85,7 +86,7 @@ class Launcher:
                                         blockDimY=1, blockDimZ=1, sharedMemBytes=shared,
                                         attrs=ctypes.pointer(self.attr), numAttrs=1)
 
-    def set(self, i: int, value: int) -> None:
+    def set(self, i: int, value: int | float) -> None:
         self.holders[i].value = value
 
     def __call__(self, stream: int) -> None:

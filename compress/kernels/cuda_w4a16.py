@@ -177,6 +177,38 @@ __device__ __forceinline__ void mma0(float* d, const u32* a, u32 b0, u32 b1) {  
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
 }
 
+// Epilogue helpers. silu(v) = v / (1 + e^-v); ex2.approx gives e^-v within 2 ulp (+inf for very
+// negative v, where the quotient is -0 as it should be).
+__device__ __forceinline__ float silu(float v) {
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-1.4426950408889634f * v));
+  return v / (1.f + e);
+}
+__device__ __forceinline__ float rsqrt_approx(float v) {
+  float r;
+  asm("rsqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+// Sum of the squares of the 8 activations of a 16-byte load, in fp32 (the RMSNorm prologue).
+__device__ __forceinline__ float sumsq8(const V4& v) {
+  float s = 0.f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const u32 w = word(v, q);
+    const float lo = to_float(w & 0xFFFFu), hi = to_float(w >> 16);
+    s = fmaf(lo, lo, fmaf(hi, hi, s));
+  }
+  return s;
+}
+__device__ __forceinline__ V4 mul8(const V4& x, const V4& y) {  // elementwise, rounded once
+  V4 r;
+  r.a = scale_pair(x.a, y.a);
+  r.b = scale_pair(x.b, y.b);
+  r.c = scale_pair(x.c, y.c);
+  r.d = scale_pair(x.d, y.d);
+  return r;
+}
+
 #if !DEQUANT
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   u32 a;
@@ -203,6 +235,9 @@ struct __align__(16) Stage {
   V4 w[NT][KC][16][4];
   u16 s[NT][KC][4][16];
   u8 z[NT][KC][4][16];
+#if NORM
+  V4 gam[KC][4][4];  // the norm's weights for the step's columns: chunk 4 kc + t, 8 columns each
+#endif
 };
 #define STEP_COLS (128 * KC)
 
@@ -217,6 +252,13 @@ struct __align__(16) Stage {
 // w: int32 [N, KP / 8] (layout.pack_chunked, KP a multiple of 128 KC); sc: [G, N] scales in the
 // activation dtype; zp: [G, N] uint8 (unused when SYMMETRIC); N % 16 == 0; ldx, ldo: row strides
 // in elements.
+// Fusions with the decoder block around the matmul (compress.kernels.fused_block says why):
+// NORM: x is the RMSNorm's input h: the product runs on h * gam (rounded once, as the layer's
+//   activation dtype) and row m of the result is scaled by 1 / sqrt(mean(h_m^2) + eps) (each block
+//   reads all of K, so it sums the squares itself; its warps add theirs in the final reduction).
+// EPI == 1 (SiLU-gated MLP): the rows come in pairs of 8 (tile rows 0-7 gate, 8-15 up, so lane (g, t)
+//   holds gate and up of the same output); out [M, N / 2] = silu(gate) * up.
+// RESID: out = result + res (res [M, N], row stride ldr), the residual connection.
 #if MINB > 0
 #define BOUNDS __launch_bounds__(KW * 32, MINB)
 #else
@@ -225,7 +267,8 @@ struct __align__(16) Stage {
 extern "C" __global__ void BOUNDS
 w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ sc,
           const u8* __restrict__ zp, const float* __restrict__ bias, u16* __restrict__ out,
-          int M, int N, int K, int KP, int ldx, int ldo) {
+          int M, int N, int K, int KP, int ldx, int ldo,
+          const u16* __restrict__ res, int ldr, const u32* __restrict__ gam, float eps) {
   // Dynamic shared memory (KW * STAGES stages, sized by the launch), so that a block may hold more
   // than the 48 KB of static shared memory (on the H100 two tiles x 8 warps x 256 columns, 78 KB,
   // wins on 4096^2; deeper pipelines did not: docs/kernels.md).
@@ -263,6 +306,9 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
   const bool s_on = lane < 8 * KC, z_on = lane >= 16 && lane < 16 + 4 * KC;
   const u32 s_dst = smem_addr(&st[0].s[0][s_on ? s_kc : 0][s_t][8 * s_half]);
   const u32 z_dst = smem_addr(&st[0].z[0][z_on ? z_kc : 0][z_on ? z_t : 0][0]);
+#if NORM
+  const u32 g_dst = smem_addr(&st[0].gam[(lane >> 4) & (KC - 1)][(lane >> 2) & 3][lane & 3]);
+#endif
   constexpr u32 W_NT = KC * 16 * 4 * 16, S_NT = KC * 4 * 16 * 2, Z_NT = KC * 4 * 16;  // bytes per tile
   (void)Z_NT;
   // Copies of step i into stage i % STAGES (one commit group per step, empty past the slice so
@@ -284,6 +330,14 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
       cp16(z_dst + off + nt * Z_NT, zp + (size_t)zg * N + tile[nt], z_on, live);
 #endif
     }
+#if NORM
+    // The norm's weights (constant, like the codes: copied with them): lane f < 16 KC copies 16
+    // bytes, columns 8 (f % 4) of chunk 4 (f / 16) + (f / 4) % 4 of the step.
+    {
+      const int gk = lane >> 4, gt = (lane >> 2) & 3, gq = lane & 3, gc = CPR * ic + 4 * gk + gt;
+      cp16(g_dst + off, gam + 16 * gc + 4 * gq, lane < 16 * KC, live && CHUNK_COLS * gc + 8 * gq < K);
+    }
+#endif
     cp_commit();
   };
   const bool a_ok = g < M;
@@ -330,6 +384,9 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
   GRID_WAIT();    // x (and the memory `out` reuses) belong to earlier kernels from here on
   GRID_LAUNCH();
   V4 va[KC][4], vb[KC][4];
+#if NORM
+  float sq_a = 0.f, sq_b = 0.f;  // this lane's sums of squares of rows g and g + 8
+#endif
   load_x(sb, va, vb);
   for (int i = sb; i < se; ++i) {
     cp_wait<STAGES - 2>();  // this lane's copies of step i have landed
@@ -338,6 +395,23 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
     V4 na[KC][4], nb[KC][4];
     load_x(i + 1, na, nb);
     const Stage& S = st[i & (STAGES - 1)];
+#if NORM
+    // x of this step (loaded during the previous one): square, then scale by the norm's weights
+    // (each column of a row is loaded by exactly one lane of the block, so the lanes' sums add up
+    // to the row's; the 8 lanes of a column group read the same 16 bytes: a broadcast).
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const V4 gv = S.gam[kc][t][q];
+        sq_a += sumsq8(va[kc][q]);
+        va[kc][q] = mul8(va[kc][q], gv);
+#if MROWS2
+        sq_b += sumsq8(vb[kc][q]);
+        vb[kc][q] = mul8(vb[kc][q], gv);
+#endif
+      }
+#endif
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -419,9 +493,20 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
       for (int e = 0; e < 4; ++e) acc[nt][mh][e] += acc2[nt][mh][e];
 #endif
   cp_wait<0>();  // no copy may still be writing when the block exits or the stages are reused
+#if NORM
+  // The four lanes t of a row group hold disjoint columns: every lane gets the warp's row sums.
+  sq_a += __shfl_xor_sync(0xFFFFFFFFu, sq_a, 1);
+  sq_a += __shfl_xor_sync(0xFFFFFFFFu, sq_a, 2);
+#if MROWS2
+  sq_b += __shfl_xor_sync(0xFFFFFFFFu, sq_b, 1);
+  sq_b += __shfl_xor_sync(0xFFFFFFFFu, sq_b, 2);
+#endif
+#endif
+  constexpr int NACC = NT * MH * 4;  // reduction slots: the accumulators, then (NORM) the row sums
+  (void)NACC;
 #if KW > 1
   // Partial sums of warps 1.. meet warp 0's in the (now idle) pipeline stages.
-  typedef float Red[NT * MH * 4][32];
+  typedef float Red[NACC + (NORM ? MH : 0)][32];
   Red* red = reinterpret_cast<Red*>(smem_raw);
   static_assert(sizeof(Red) * (KW - 1) <= sizeof(Stage) * KW * STAGES, "reduction buffer larger than the stages");
   __syncthreads();  // every warp is done reading its stages
@@ -432,6 +517,12 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
       for (int mh = 0; mh < MH; ++mh)
 #pragma unroll
         for (int e = 0; e < 4; ++e) red[wk - 1][(nt * MH + mh) * 4 + e][lane] = acc[nt][mh][e];
+#if NORM
+    red[wk - 1][NACC][lane] = sq_a;
+#if MROWS2
+    red[wk - 1][NACC + 1][lane] = sq_b;
+#endif
+#endif
   }
   __syncthreads();
   if (wk != 0) return;
@@ -443,10 +534,34 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
       for (int mh = 0; mh < MH; ++mh)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[nt][mh][e] += red[j][(nt * MH + mh) * 4 + e][lane];
+#if NORM
+#pragma unroll
+  for (int j = 0; j < KW - 1; ++j) {
+    sq_a += red[j][NACC][lane];
+#if MROWS2
+    sq_b += red[j][NACC + 1][lane];
 #endif
+  }
+#endif
+#endif
+  // Scale of activation row 8 mh + 2 t + d: 1 / rms of the row, whose sum lane (2 t + d, 0) holds.
+  float rr[MH][2];
+#pragma unroll
+  for (int mh = 0; mh < MH; ++mh)
+#pragma unroll
+    for (int d = 0; d < 2; ++d) {
+#if NORM
+      const float s = __shfl_sync(0xFFFFFFFFu, mh ? sq_b : sq_a, 4 * (2 * t + d));
+      rr[mh][d] = rsqrt_approx(s / (float)K + eps);
+#else
+      rr[mh][d] = 1.f;
+#endif
+    }
+  (void)res; (void)ldr; (void)eps;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int n = n0 + nt * 16 + g;
+    (void)n;
     if (n0 + nt * 16 >= N) continue;  // N % 16 == 0: rows n and n + 8 exist
     float b0 = 0.f, b1 = 0.f;
 #if HAS_BIAS
@@ -454,17 +569,22 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
     b1 = bias[n + 8];
 #endif
 #pragma unroll
-    for (int mh = 0; mh < MH; ++mh) {
-      const int m = 8 * mh + 2 * t;
-      if (m < M) {
-        out[(size_t)m * ldo + n] = to_out(acc[nt][mh][0] + b0);
-        out[(size_t)m * ldo + n + 8] = to_out(acc[nt][mh][2] + b1);
+    for (int mh = 0; mh < MH; ++mh)
+#pragma unroll
+      for (int d = 0; d < 2; ++d) {  // activation row m; acc[d]: output row n, acc[2 + d]: row n + 8
+        const int m = 8 * mh + 2 * t + d;
+        if (m >= M) continue;
+        const float v0 = acc[nt][mh][d] * rr[mh][d] + b0, v1 = acc[nt][mh][2 + d] * rr[mh][d] + b1;
+#if EPI == 1
+        out[(size_t)m * ldo + ((n0 + nt * 16) >> 1) + g] = to_out(silu(v0) * v1);  // gate n, up n + 8
+#elif RESID
+        out[(size_t)m * ldo + n] = to_out(v0 + to_float(res[(size_t)m * ldr + n]));
+        out[(size_t)m * ldo + n + 8] = to_out(v1 + to_float(res[(size_t)m * ldr + n + 8]));
+#else
+        out[(size_t)m * ldo + n] = to_out(v0);
+        out[(size_t)m * ldo + n + 8] = to_out(v1);
+#endif
       }
-      if (m + 1 < M) {
-        out[(size_t)(m + 1) * ldo + n] = to_out(acc[nt][mh][1] + b0);
-        out[(size_t)(m + 1) * ldo + n + 8] = to_out(acc[nt][mh][3] + b1);
-      }
-    }
   }
 }
 
@@ -503,6 +623,7 @@ _GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH 
 
 
 STAGE_BYTES = 1024 + 128 + 64  # per 16-row tile, 128 columns and stage: codes, scales, zeros
+NORM_STAGE_BYTES = 256  # per 128 columns and stage, with the RMSNorm prologue: the norm's weights
 SMEM_LIMIT = DEFAULT_SHARED_BYTES  # shared memory per block without the opt-in attribute (what any GPU allows)
 
 
@@ -530,8 +651,11 @@ class CudaConfig:
     kc: int = 1
     minb: int = 0  # __launch_bounds__ minimum blocks per multiprocessor (0: no hint)
 
-    def smem_bytes(self) -> int:
-        return self.kw * self.stages * self.nt * self.kc * STAGE_BYTES  # the reduction reuses it
+    def smem_bytes(self, norm: bool = False) -> int:
+        """Dynamic shared memory per block (the final reduction reuses it); ``norm``: with the
+        RMSNorm prologue, whose weights travel with the codes."""
+        per_step = self.nt * STAGE_BYTES + (NORM_STAGE_BYTES if norm else 0)
+        return self.kw * self.stages * self.kc * per_step
 
     def as_dict(self) -> dict[str, Any]:
         return {"kernel": "cuda", **self.__dict__}
@@ -573,12 +697,15 @@ def compile_error(device: torch.device | str) -> str | None:
 
 
 def _defines(cfg: CudaConfig, bf16: bool, gch: int, symmetric: bool, has_bias: bool, mrows2: bool,
-             dequant: bool = False) -> tuple[tuple[str, int], ...]:
+             dequant: bool = False, fusion: tuple[bool, bool, bool] = (False, False, False)
+             ) -> tuple[tuple[str, int], ...]:
+    norm, silu_mul, residual = fusion
     return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("MINB", cfg.minb),
             ("BF16", int(bf16)), ("GCH", gch),
             ("SYMMETRIC", int(symmetric)), ("HAS_BIAS", int(has_bias)), ("MROWS2", int(mrows2)),
             ("CHUNK_COLS", CHUNK), ("DEQUANT", int(dequant)),
-            ("SCALE_AFTER", int(gch % 4 == 0)))  # one group per 128-column step: scale the fp32 sums
+            ("SCALE_AFTER", int(gch % 4 == 0)),  # one group per 128-column step: scale the fp32 sums
+            ("NORM", int(norm)), ("EPI", int(silu_mul)), ("RESID", int(residual)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -620,10 +747,17 @@ def candidate_configs(m: int, n: int, max_smem: int = SMEM_LIMIT) -> list[CudaCo
     return [c for c in cfgs if c.smem_bytes() <= max_smem]
 
 
-def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None = None, *,
+           norm: tuple[torch.Tensor, float] | None = None, silu_mul: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
     """y = x2d @ W.T (+ bias) for 1..16 rows of fp16/bf16 activations; ``wt`` a W4A16Weight with
     ``kernel == "cuda"`` (its ``pdl`` flag picks the launch). ``out`` ([M, N], x's dtype,
-    row-contiguous) receives the result."""
+    row-contiguous) receives the result.
+
+    Fusions (``compress.kernels.fused_block``): ``norm = (weight, eps)``: x is an RMSNorm's input
+    and the product is of RMSNorm(x) (weight [K] in x's dtype); ``silu_mul``: the weight's rows are
+    gate/up pairs interleaved 8 by 8 (``wt.glu_interleaved``) and the result is silu(gate) * up,
+    [M, N / 2]; ``residual`` ([M, N], x's dtype): added to the result."""
     m, k = x2d.shape
     if not 1 <= m <= 16:
         raise ValueError(f"the CUDA W4A16 kernel takes 1..16 rows, got {m}")
@@ -634,11 +768,24 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
     elif x2d.stride(1) != 1 or (m > 1 and x2d.stride(0) % 8) or x2d.data_ptr() % 16:
         x2d = x2d.clone(memory_format=torch.contiguous_format)  # 16-byte aligned rows
     n = wt.out_features
+    if silu_mul and not getattr(wt, "glu_interleaved", False):
+        raise ValueError("silu_mul needs a weight whose gate and up rows are interleaved (fused.stack_glu)")
+    if silu_mul and residual is not None:
+        raise ValueError("silu_mul and residual do not combine")
+    n_out = n // 2 if silu_mul else n
+    if norm is not None:
+        gamma, eps = norm
+        if gamma.shape != (k,) or gamma.dtype != x2d.dtype or not gamma.is_contiguous() or gamma.data_ptr() % 16:
+            raise ValueError(f"the norm weight must be a contiguous, 16-byte aligned [{k}] {x2d.dtype} tensor")
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != x2d.dtype
+                                 or residual.stride(1) != 1):
+        raise ValueError(f"residual must be [{m}, {n}] {x2d.dtype} with unit column stride")
     if out is None:
-        out = torch.empty(m, n, device=x2d.device, dtype=x2d.dtype)
-    elif out.shape != (m, n) or out.dtype != x2d.dtype or out.stride(1) != 1:
-        raise ValueError(f"out must be [{m}, {n}] {x2d.dtype} with unit column stride")
-    key = (cfg, x2d.dtype, m > 8, wt.pdl)
+        out = torch.empty(m, n_out, device=x2d.device, dtype=x2d.dtype)
+    elif out.shape != (m, n_out) or out.dtype != x2d.dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n_out}] {x2d.dtype} with unit column stride")
+    fusion = (norm is not None, silu_mul, residual is not None)
+    key = (cfg, x2d.dtype, m > 8, wt.pdl, fusion)
     launchers = wt.launchers
     run = launchers.get(key)
     if run is None:
@@ -646,17 +793,25 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
         if kp % (128 * cfg.kc):
             raise ValueError(f"packed K {kp} is not a multiple of {128 * cfg.kc}")
         kern = _kernel("w4a16_mma", x2d.device.index, _defines(
-            cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8))
+            cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8,
+            fusion=fusion))
         run = launchers[key] = Launcher(
             kern, (-(-n // (16 * cfg.nt)), 1), 32 * cfg.kw,
-            [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0], wt.pdl,
-            shared=cfg.smem_bytes())
-    # arguments 0 x, 5 out, 6 M, 10 ldx, 11 ldo change per call; the weight's tensors do not
+            [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0,
+             None, 0, None, 0.0], wt.pdl, shared=cfg.smem_bytes(norm=norm is not None))
+    # arguments 0 x, 5 out, 6 M, 10 ldx, 11 ldo (12 res, 13 ldr, 14 gam, 15 eps) change per call;
+    # the weight's tensors do not
     run.set(0, x2d.data_ptr())
     run.set(5, out.data_ptr())
     run.set(6, m)
     run.set(10, x2d.stride(0))
     run.set(11, out.stride(0))
+    if residual is not None:
+        run.set(12, residual.data_ptr())
+        run.set(13, residual.stride(0))
+    if norm is not None:
+        run.set(14, norm[0].data_ptr())
+        run.set(15, float(norm[1]))
     run(torch.cuda.current_stream(x2d.device).cuda_stream)
     return out
 

@@ -59,6 +59,9 @@ class AccelerationReport:
     layers: dict[str, str] = field(default_factory=dict)  # name -> path
     reasons: dict[str, str] = field(default_factory=dict)  # name -> why this path
     fused: list[list[str]] = field(default_factory=list)  # layers stacked into one launch
+    #: decoder blocks whose norms, SiLU gate and residual adds run inside the kernels (fused_block)
+    fused_blocks: int = 0
+    fused_blocks_reason: str = ""
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.layers.values()))
@@ -69,7 +72,8 @@ class AccelerationReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"requested": self.requested, "counts": self.counts(), "layers": self.layers,
-                "reasons": self.reasons, "fused": self.fused}
+                "reasons": self.reasons, "fused": self.fused, "fused_blocks": self.fused_blocks,
+                "fused_blocks_reason": self.fused_blocks_reason}
 
 
 def _triton_status() -> tuple[bool, str]:
@@ -188,7 +192,7 @@ def _gpu_path(kernel: str) -> tuple[str, str]:
 
 def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant",
                plane_width: int = 16, fuse: bool = True, pdl: bool = True,
-               cpu_prefill: str = "auto") -> AccelerationReport:
+               cpu_prefill: str = "auto", fuse_blocks: bool = True) -> AccelerationReport:
     """Repack every QuantizedLinear of ``model`` for the best available kernel and install it.
 
     ``backend``: one of BACKENDS. ``large_m`` (layers on the Triton path only; the CUDA path always
@@ -199,6 +203,9 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
     adapter table's true-sequential groups) into one launch (``compress.kernels.fused``).
     ``pdl`` (CUDA kernel, sm_90+): programmatic dependent launch, so a kernel's weight copies start
     while the previous kernel finishes.
+    ``fuse_blocks`` (with ``fuse``; CUDA kernel): in decoder blocks the adapter table describes as
+    pre-norm RMSNorm + SiLU-gated MLP, the norms, SiLU(gate) * up and the residual adds run inside
+    the four launches of the block (``compress.kernels.fused_block``).
     ``cpu_prefill`` (cpu-int4 path): arithmetic of the dense product that prefill-sized inputs take,
     "bf16" (activations and dequantized weights rounded to bf16, fp32 accumulation; fast on CPUs
     with AMX or AVX512-BF16), "fp32" (exact) or "auto" (bf16 where the CPU has native bf16 GEMMs).
@@ -222,13 +229,24 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
     cpu_ok = cpu_int4.available()
     dense_dtype = _cpu_prefill_dtype(cpu_prefill)  # cpu-int4 layers' prefill arithmetic, asked once
     report = AccelerationReport(requested=backend)
+    from compress.kernels import fused_block
+
+    fused_block.uninstall(model)  # a previous call's fused blocks hold the layers it installed
     mods = {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)}
     choice = {name: _choose(mod, backend, triton_ok, cpu_ok) for name, mod in mods.items()}
     done: set[str] = set()
+    adapter, groups = None, {}
     if fuse:
-        for names in _fusion_groups(model, mods):
+        adapter = _known_adapter(model)
+        if fuse_blocks and adapter is not None:
+            report.fused_blocks_reason = fused_block.why_not(model, adapter) or ""
+        glu = fuse_blocks and adapter is not None and not report.fused_blocks_reason
+        for names in _fusion_groups(model, mods, adapter):
             if all(choice[n][0] == "triton" for n in names):
-                _install_fused(names, [mods[n] for n in names], large_m, plane_width, pdl, report)
+                interleave = glu and _is_gate_up(names, adapter)
+                group = _install_fused(names, [mods[n] for n in names], large_m, plane_width, pdl, report,
+                                       interleave)
+                groups.update({n: group for n in names if group is not None})
                 done.update(n for n in names if n in report.layers)
     for name, mod in mods.items():
         if name in done:
@@ -251,6 +269,14 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
             mod.set_backend(None)
         report.layers[name] = path
         report.reasons[name] = reason
+    if fuse and fuse_blocks and adapter is not None and not report.fused_blocks_reason:
+        forwards = {n: mods[n]._backend for n in mods if getattr(mods[n]._backend, "packed", None) is not None}
+        report.fused_blocks = fused_block.install(model, adapter, groups, forwards)
+        if report.fused_blocks:
+            log.warning("accelerate: %d decoder block(s) run their RMSNorms, SiLU gate and residual adds "
+                        "inside the W4A16 kernels (fused_block)", report.fused_blocks)
+    elif fuse_blocks and not report.fused_blocks_reason:
+        report.fused_blocks_reason = "fuse=False" if not fuse else "no adapter-table entry for this model"
     if torch.cuda.is_available() and any(p in ("cuda", "triton") for p in report.layers.values()):
         # A PDL launch reads its weights before waiting for the previous kernel: make sure the
         # repacking kernels have finished before any of them runs.
@@ -259,17 +285,27 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
     return report
 
 
-def _fusion_groups(model: nn.Module, mods: dict[str, QuantizedLinear]) -> list[list[str]]:
-    """Names of the quantized layers of each block that read the same input, from the adapter
-    table (none for models it does not know: generic discovery gives one layer per group)."""
+def _known_adapter(model: nn.Module) -> Any:
+    """The model's adapter-table entry (None for models the table does not know)."""
     from compress.adapters import get_adapter
     from compress.errors import CompressError
 
     try:
         adapter = get_adapter(model)
     except CompressError:
-        return []
-    if adapter.generic:
+        return None
+    return None if adapter.generic else adapter
+
+
+def _is_gate_up(names: list[str], adapter: Any) -> bool:
+    return (len(names) == 2 and "gate" in adapter.mlp and names[0].endswith("." + adapter.mlp["gate"])
+            and names[1].endswith("." + adapter.mlp["up"]))
+
+
+def _fusion_groups(model: nn.Module, mods: dict[str, QuantizedLinear], adapter: Any) -> list[list[str]]:
+    """Names of the quantized layers of each block that read the same input, from the adapter
+    table (none for models it does not know: generic discovery gives one layer per group)."""
+    if adapter is None:
         return []
     groups = []
     for i in range(adapter.num_blocks(model)):
@@ -282,22 +318,27 @@ def _fusion_groups(model: nn.Module, mods: dict[str, QuantizedLinear]) -> list[l
 
 
 def _install_fused(names: list[str], mods: list[QuantizedLinear], large_m: str, width: int, pdl: bool,
-                   report: AccelerationReport) -> None:
+                   report: AccelerationReport, interleave: bool = False) -> Any:
     """Stack ``mods`` into one packed layer and install member forwards; leaves ``report`` untouched
-    (so the layers are accelerated one by one) when they cannot be stacked or packed."""
+    (so the layers are accelerated one by one) when they cannot be stacked or packed. Returns the
+    ``fused.FusedGroup`` (None when not stacked). ``interleave``: a gate/up pair for the SiLU-gate
+    epilogue (``fused.stack``)."""
     from compress.kernels import fused
 
     why = fused.stackable(mods)
+    if why is None and interleave and mods[0].out_features % 8:
+        interleave = False
     if why is not None:
         log.info("accelerate: not fusing %s: %s", ", ".join(names), why)
-        return
-    stacked, bounds = fused.stack(mods)
+        return None
+    stacked, bounds = fused.stack(mods, interleave=interleave)
     try:
         fn = _triton_backend(stacked, large_m, width, pdl)
     except ValueError as e:
         log.info("accelerate: not fusing %s: %s", ", ".join(names), e)
-        return
-    group = fused.FusedGroup(fn, bounds, names)
+        return None
+    fn.packed.glu_interleaved = interleave
+    group = fused.FusedGroup(fn, bounds, names, interleaved=interleave)
     path, reason = _gpu_path(fn.packed.kernel)
     short = ", ".join(n.rsplit(".", 1)[-1] for n in names)
     for i, (name, mod) in enumerate(zip(names, mods)):
@@ -307,6 +348,7 @@ def _install_fused(names: list[str], mods: list[QuantizedLinear], large_m: str, 
         report.layers[name] = path
         report.reasons[name] = f"{reason}; one launch with {short}"
     report.fused.append(names)
+    return group
 
 
 def _log_summary(report: AccelerationReport) -> None:
@@ -347,4 +389,15 @@ def tune_triton(model: nn.Module, batch_sizes: tuple[int, ...] = (1,)) -> dict[t
                 chosen[(m, wt.out_features, wt.in_features)] = cfg
             shared[shape] = wt.configs
         wt.configs = shared[shape]
+    # The fused launches of fused blocks (other register and shared-memory needs: tuned on their own)
+    from compress.kernels import fused_block
+
+    tuned_fused: set[tuple] = set()
+    for fl in fused_block.fused_linears(model):
+        sig = (fl.wt.out_features, fl.wt.in_features, fl.key, id(fl.wt.configs))
+        if sig in tuned_fused:
+            continue
+        tuned_fused.add(sig)
+        for m in batch_sizes:
+            chosen[(m, fl.wt.out_features, fl.wt.in_features, *fl.key)] = fl.tune(m)
     return chosen

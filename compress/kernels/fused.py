@@ -35,13 +35,15 @@ def _version(x: torch.Tensor) -> int | None:
 
 
 class FusedGroup:
-    """A stacked layer ``fn`` (x -> [..., N_total]) shared by members owning output ranges ``bounds``."""
+    """A stacked layer ``fn`` (x -> [..., N_total]) shared by members owning output ranges ``bounds``
+    (``interleaved``: two members whose rows alternate 8 by 8, see ``stack``)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], bounds: list[tuple[int, int]],
-                 names: list[str]):
+                 names: list[str], interleaved: bool = False):
         self.fn = fn
         self.bounds = bounds
         self.names = names
+        self.interleaved = interleaved
         self._x: torch.Tensor | None = None
         self._ver: int | None = None
         self._outs: list[torch.Tensor] | None = None
@@ -54,7 +56,11 @@ class FusedGroup:
         ver = None if torch.compiler.is_compiling() else _version(x)
         if self._x is not x or ver != self._ver or i not in self._pending:
             y = self.fn(x)
-            self._outs = [y[..., a:b] for a, b in self.bounds]
+            if self.interleaved:  # [.., N/16, 2, 8] -> member i's rows, in order (a copy)
+                pairs = y.unflatten(-1, (-1, 2, 8))
+                self._outs = [pairs[..., i, :].flatten(-2) for i in range(2)]
+            else:
+                self._outs = [y[..., a:b] for a, b in self.bounds]
             self._x, self._ver = x, ver
             self._pending = set(range(len(self.bounds)))
         self._pending.discard(i)
@@ -67,14 +73,26 @@ class FusedGroup:
         """The forward to install on member ``i`` (``packed``: the stacked weight, for tuning; its
         ``restore_codes(rows)`` rebuilds those rows of the stacked layer's uint8 codes exactly)."""
         a, b = self.bounds[i]
+        rows = member_rows(self.bounds, i, self.interleaved)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self._slices(x, i)
 
         forward.packed = packed
         forward.fused_with = self.names
-        forward.restore_codes = lambda: packed.restore_codes(slice(a, b))  # this member's rows only
+        forward.group = self
+        forward.restore_codes = lambda: packed.restore_codes(  # this member's rows only
+            rows if isinstance(rows, slice) else rows.to(packed.words.device))
         return forward
+
+
+def member_rows(bounds: list[tuple[int, int]], i: int, interleaved: bool) -> slice | torch.Tensor:
+    """Rows of the stacked layer that belong to member ``i``."""
+    a, b = bounds[i]
+    if not interleaved:
+        return slice(a, b)
+    total = bounds[-1][1]
+    return torch.arange(total).view(-1, 2, 8)[:, i, :].reshape(-1)
 
 
 def stackable(mods: list[QuantizedLinear]) -> str | None:
@@ -94,16 +112,32 @@ def stackable(mods: list[QuantizedLinear]) -> str | None:
     return None
 
 
-def stack(mods: list[QuantizedLinear]) -> tuple[QuantizedLinear, list[tuple[int, int]]]:
-    """One QuantizedLinear whose output rows are the members' in order, and each member's range."""
+def stack(mods: list[QuantizedLinear], interleave: bool = False
+          ) -> tuple[QuantizedLinear, list[tuple[int, int]]]:
+    """One QuantizedLinear whose output rows are the members' in order, and each member's range.
+
+    ``interleave`` (two members of equal width, a multiple of 8: a gated MLP's gate and up): rows
+    alternate 8 of the first member and 8 of the second instead, so that a 16-row tile of the CUDA
+    kernel holds gate and up of the same 8 outputs (its SiLU-gate epilogue); ``bounds`` then still
+    give the widths, ``member_rows`` the rows."""
     bounds, start = [], 0
     for m in mods:
         bounds.append((start, start + m.out_features))
         start += m.out_features
+    if interleave and (len(mods) != 2 or mods[0].out_features != mods[1].out_features
+                       or mods[0].out_features % 8):
+        raise ValueError("interleaving needs two layers of equal out_features, a multiple of 8")
     first = mods[0]
-    bias = None if first.bias is None else torch.cat([m.bias.detach() for m in mods])
+
+    def cat(ts: list[torch.Tensor]) -> torch.Tensor:  # along the output dimension (dim 0)
+        t = torch.cat(ts)
+        if interleave:
+            t = t.view(2, -1, 8, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        return t
+
+    bias = None if first.bias is None else cat([m.bias.detach() for m in mods])
     stacked = QuantizedLinear.from_codes(
-        torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]),
-        torch.cat([m.zeros for m in mods]), first.g_idx, first.bits, first.group_size, first.symmetric,
+        cat([m.qweight for m in mods]), cat([m.scales for m in mods]),
+        cat([m.zeros for m in mods]), first.g_idx, first.bits, first.group_size, first.symmetric,
         bias, first.act_order)
     return stacked, bounds

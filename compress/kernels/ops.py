@@ -50,3 +50,20 @@ def w4a16_linear(x: torch.Tensor, handle: int, out_features: int, gathered: bool
 @w4a16_linear.register_fake
 def _(x: torch.Tensor, handle: int, out_features: int, gathered: bool = False) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("compress::w4a16_fused", mutates_args=())
+def w4a16_fused(x: torch.Tensor, handle: int, out_features: int,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A ``fused_block.FusedLinear`` registered as ``handle``: its matmul with the fusions it was
+    built with (RMSNorm prologue, SiLU-gate epilogue, residual add)."""
+    fl = _WEIGHTS.get(handle)
+    if fl is None:
+        raise RuntimeError(f"compress::w4a16_fused: fused layer {handle} no longer exists "
+                           "(re-run accelerate and recompile)")
+    return fl.run(x, residual)
+
+
+@w4a16_fused.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 import triton
 import triton.language as tl
 
 from compress.kernels import layout
+from compress.kernels.packed import W4A16Weight, dequantize_packed  # noqa: F401 (re-exported)
 from compress.kernels.gpu_timing import graph_time_ms
 
 log = logging.getLogger(__name__)
@@ -293,85 +294,6 @@ class KernelConfig:
         return dict(self.__dict__)
 
 
-@dataclass
-class W4A16Weight:
-    """A QuantizedLinear repacked for ``w4a16_matmul`` (all tensors on the GPU).
-
-    ``kernel`` says which kernels read it and so which layout ``words`` has: "cuda"
-    (``cuda_w4a16``, ``layout.pack_chunked``, width 1) or "triton" (``layout.pack_planar``)."""
-
-    words: torch.Tensor  # int32 [N, Kp/8]
-    scales: torch.Tensor  # [G, N]: fp16 (triton); the layer's fp16/bf16 dtype (cuda)
-    zeros: torch.Tensor | None  # uint8 [G, N]; None when symmetric (z = 8)
-    perm: torch.Tensor | None  # int32 [K] columns of x in group order; None when already in order
-    bias: torch.Tensor | None
-    in_features: int
-    out_features: int
-    group: int  # columns per group after reordering (in_features for per-channel)
-    width: int = layout.PLANE_WIDTH  # words per row and block; a block is 8 * width columns
-    large_m: str = "triton"  # path for M > max_small_m: "triton" (BLOCK_M=64) or "dequant" (cuBLAS)
-    max_small_m: int = 16
-    configs: dict[int, Any] = field(default_factory=dict)  # tuned config per M bucket
-    kernel: str = "triton"
-    #: CUDA kernel only: launch with programmatic dependent launch (sm_90+; see cuda_w4a16.GRID_WAIT)
-    pdl: bool = False
-    _scales_as: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
-    #: CUDA kernel only: launch objects per (config, dtype, rows > 8, pdl); they hold this weight's
-    #: data pointers, so a copy (``clone``) starts with none
-    launchers: dict[tuple, Any] = field(default_factory=dict, repr=False)
-    _in_group_order: "W4A16Weight | None" = field(default=None, repr=False)
-
-    @property
-    def n_groups(self) -> int:
-        return self.scales.shape[0]
-
-    @property
-    def n_blocks(self) -> int:
-        return self.words.shape[1] // self.width
-
-    def nbytes(self) -> int:
-        """Bytes a matmul must read for the weight (codes + scales + zeros; padding not read)."""
-        codes = self.out_features * self.in_features // 2
-        return codes + sum(x.numel() * x.element_size() for x in (self.scales, self.zeros) if x is not None)
-
-    def scales_for(self, dtype: torch.dtype) -> torch.Tensor:
-        """Scales in ``dtype`` (the CUDA kernel multiplies in the activation dtype), converted once.
-        Call it outside CUDA-graph capture the first time (``tune`` and a warm-up call do)."""
-        if self.scales.dtype == dtype:
-            return self.scales
-        if dtype not in self._scales_as:
-            self._scales_as[dtype] = self.scales.to(dtype)
-        return self._scales_as[dtype]
-
-    def restore_codes(self, rows: slice | None = None) -> torch.Tensor:
-        """The layer's uint8 codes [N, K] in the ORIGINAL column order, rebuilt exactly from the
-        packed words (lets ``QuantizedLinear.release_codes`` free its copy); ``rows``: only those
-        output rows (a stacked layer's member: each row's words are packed on their own)."""
-        words = self.words if rows is None else self.words[rows]
-        return layout.restore_codes(words, self.in_features, self.width, self.perm)
-
-    def in_group_order(self) -> "W4A16Weight":
-        """This weight for activations already gathered into group order (``x[..., perm]``): the
-        same tensors, tuned configs, converted scales and launch objects (the CUDA kernel never
-        sees ``perm``: the gather is a launch of its own), no permutation. Made once."""
-        if self.perm is None:
-            return self
-        if self._in_group_order is None:
-            self._in_group_order = replace(self, perm=None, configs=self.configs, _scales_as=self._scales_as,
-                                           launchers=self.launchers)
-        return self._in_group_order
-
-    def clone(self) -> "W4A16Weight":
-        """A copy with its own tensors (benchmarks rotate copies so L2 does not hold the weight)."""
-        c = replace(self, configs=self.configs, _scales_as={}, launchers={}, _in_group_order=None)
-        for name in ("words", "scales", "zeros", "perm", "bias"):
-            t = getattr(self, name)
-            setattr(c, name, None if t is None else t.clone())
-        for dtype in self._scales_as:
-            c.scales_for(dtype)
-        return c
-
-
 def fits_width(group: int, n_groups: int, width: int) -> bool:
     """A plane of ``width`` columns must never straddle two groups."""
     return n_groups == 1 or group % width == 0
@@ -547,18 +469,6 @@ def dequant_matmul(x2d: torch.Tensor, wt: W4A16Weight) -> torch.Tensor:
     return torch.nn.functional.linear(x2d, w, None if wt.bias is None else wt.bias.to(x2d.dtype))
 
 
-def dequantize_packed(wt: W4A16Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] in ``dtype``, columns in the ORIGINAL order (plain torch ops; any device,
-    any dtype; for activations the kernels do not take)."""
-    codes = layout.unpack_planar(wt.words, wt.in_features, wt.width).to(torch.float32)
-    gidx = torch.arange(wt.in_features, device=codes.device) // wt.group
-    z = 8.0 if wt.zeros is None else wt.zeros.t().to(torch.float32)[:, gidx]
-    w = (codes - z) * wt.scales.t().to(torch.float32)[:, gidx]
-    if wt.perm is not None:
-        w = torch.empty_like(w).index_copy_(1, wt.perm.long(), w)
-    return w.to(dtype)
-
-
 def _bucket(m: int) -> int:
     for b in (1, 2, 4, 8, 16):
         if m <= b:
@@ -620,11 +530,17 @@ def copies_for(nbytes: int, l2_bytes: int = 50 * 2**20) -> int:
 
 
 def tune(wt: W4A16Weight, m: int, dtype: torch.dtype = torch.float16,
-         candidates: list[Any] | None = None) -> tuple[Any, list[dict[str, Any]]]:
+         candidates: list[Any] | None = None, run: Callable[..., torch.Tensor] | None = None,
+         reference: Callable[[torch.Tensor], torch.Tensor] | None = None, key: Any = None
+         ) -> tuple[Any, list[dict[str, Any]]]:
     """Time candidate configs for M rows (CUDA-graph timing over rotated weight copies); remember
     the best in ``wt.configs`` and return (best, rows of {config, ms, err}). A config whose output
     misses the dequantized reference is skipped with a warning. Run it before CUDA-graph capture
-    of a model (it synchronizes)."""
+    of a model (it synchronizes).
+
+    For a fused variant of the kernel (``compress.kernels.fused_block``): ``run(x, wt, cfg)`` makes
+    the call, ``reference(x)`` its float32 result, and the winner is stored under ``key`` (default:
+    the M bucket, which the plain matmul reads)."""
     if candidates is None:
         if wt.kernel == "cuda":
             from compress.kernels import cuda_w4a16
@@ -637,17 +553,22 @@ def tune(wt: W4A16Weight, m: int, dtype: torch.dtype = torch.float16,
     x = torch.randn(m, wt.in_features, device=wt.words.device, dtype=dtype)
     # Every candidate must compute the function before its time counts (the dequantized weight in
     # float32 is the reference; bounds as in tests/test_kernels.py).
-    ref = x.float() @ dequantize_packed(wt, torch.float32).t()
-    if wt.bias is not None:
-        ref += wt.bias.float()
+    if run is None:
+        run = launch
+    if reference is not None:
+        ref = reference(x)
+    else:
+        ref = x.float() @ dequantize_packed(wt, torch.float32).t()
+        if wt.bias is not None:
+            ref += wt.bias.float()
     bound = 3e-3 if dtype == torch.float16 else 1.5e-2
     rows = []
     for cfg in candidates:
         try:
-            err = float((launch(x, wt, cfg).float() - ref).norm() / ref.norm())
+            err = float((run(x, wt, cfg).float() - ref).norm() / ref.norm())
             if not err < bound:
                 raise ValueError(f"relative error {err:.2e} against the dequantized weight (bound {bound})")
-            ms = graph_time_ms([lambda c=c, cfg=cfg: launch(x, c, cfg) for c in copies])
+            ms = graph_time_ms([lambda c=c, cfg=cfg: run(x, c, cfg) for c in copies])
         except Exception as e:  # a config the compiler rejects (e.g. out of resources) is skipped
             (log.warning if wt.kernel == "cuda" else log.debug)("config %s skipped: %s", cfg, e)
             continue
@@ -660,5 +581,5 @@ def tune(wt: W4A16Weight, m: int, dtype: torch.dtype = torch.float16,
     cfg = best.pop("cfg")
     for r in rows:
         r.pop("cfg", None)
-    wt.configs[_bucket(m)] = cfg
+    wt.configs[_bucket(m) if key is None else key] = cfg
     return cfg, rows
