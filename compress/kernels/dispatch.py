@@ -399,5 +399,5 @@ def tune_triton(model: nn.Module, batch_sizes: tuple[int, ...] = (1,)) -> dict[t
             continue
         tuned_fused.add(sig)
         for m in batch_sizes:
-            chosen[(m, fl.wt.out_features, fl.wt.in_features, *fl.key)] = fl.tune(m)
+            chosen[(m, fl.wt.out_features, fl.wt.in_features, *fl.key)] = fl.tune(m)[0]
     return chosen

@@ -150,19 +150,18 @@ class FusedLinear:
             y = silu_mul_interleaved(y)
         return y if res2d is None else y + res2d.float()
 
-    def tune(self, m: int, dtype: torch.dtype | None = None) -> Any:
+    def tune(self, m: int, dtype: torch.dtype | None = None) -> tuple[Any, list[dict[str, Any]]]:
         """Time the kernel's configs for this fused launch at M rows (``triton_w4a16.tune``: checked
-        against ``reference_fp32``) and keep the best for it. ``dtype``: of the activations (default:
-        the norm's, else fp16)."""
+        against ``reference_fp32``) and keep the best for it; returns (best, timed rows).
+        ``dtype``: of the activations (default: the norm's, else fp16)."""
         from compress.kernels import triton_w4a16 as tw
 
         dtype = dtype or (torch.float16 if self.gamma is None else self.gamma.dtype)
 
         res = (torch.randn(m, self.wt.out_features, device=self.wt.words.device, dtype=dtype)
                if self.residual else None)
-        cfg, _ = tw.tune(self.wt, m, dtype, run=lambda x, wt, cfg: self.launch(x, res, cfg, wt),
-                         reference=lambda x: self.reference_fp32(x, res), key=(*self.key, tw._bucket(m)))
-        return cfg
+        return tw.tune(self.wt, m, dtype, run=lambda x, wt, cfg: self.launch(x, res, cfg, wt),
+                       reference=lambda x: self.reference_fp32(x, res), key=(*self.key, tw._bucket(m)))
 
 
 def norm_eps(norm: nn.Module) -> float:
