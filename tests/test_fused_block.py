@@ -213,13 +213,12 @@ def test_cuda_fused_epilogues_match_float32_reference(n, k, gs, sym, bias, dtype
     norm = LlamaRMSNorm(k, eps=1e-5).to("cuda", dtype)
     gen = torch.Generator(device="cuda").manual_seed(2)
     norm.weight.data = (1 + 0.3 * torch.randn(k, device="cuda", generator=gen)).to(dtype)
-    cfgs = [cuda_w4a16.CudaConfig(1, 8, 2, 2), cuda_w4a16.CudaConfig(2, 4, 4, 1, 1),
-            cuda_w4a16.CudaConfig(1, 1, 2, 1), cuda_w4a16.CudaConfig(2, 8, 2, 2)]
+    cfgs = [cuda_w4a16.CudaConfig(1, 8, 2, 2), cuda_w4a16.CudaConfig(2, 4, 4, 1, 1), cuda_w4a16.CudaConfig(1, 1, 2, 1)]
     bound = 3e-3 if dtype == torch.float16 else 1.5e-2
     kinds = [dict(norm=norm), dict(norm=norm, silu_mul=True), dict(silu_mul=True), dict(residual=True)]
     for kind in kinds:
         fl = fused_block.FusedLinear(wt, **kind)
-        for m in (1, 3, 8, 9, 16):
+        for m in (1, 3, 9, 16):
             x = (3 * torch.randn(m, k, device="cuda", generator=gen)).to(dtype)  # rms far from 1
             res = torch.randn(m, n, device="cuda", generator=gen).to(dtype) if fl.residual else None
             ref = fl.reference_fp32(x, res)
@@ -228,9 +227,10 @@ def test_cuda_fused_epilogues_match_float32_reference(n, k, gs, sym, bias, dtype
                 assert got.shape == (m, fl.out_features)
                 err = rel_err(got, ref)
                 assert err < bound, (kind.keys(), m, cfg, err)
-    fl = fused_block.FusedLinear(wt, norm=norm, silu_mul=True)
-    fl.tune(1)  # the fused variant's own tuning keeps its winner under its key
-    assert (*fl.key, 1) in wt.configs
+    if (n, dtype) == (256, torch.float16):  # once: the fused variant's tuning keeps its winner under its key
+        fl = fused_block.FusedLinear(wt, norm=norm, silu_mul=True)
+        fl.tune(1)
+        assert (*fl.key, 1) in wt.configs
 
 
 @pytest.mark.gpu

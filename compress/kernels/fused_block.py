@@ -78,12 +78,20 @@ class FusedLinear:
         self.eps = None if norm is None else float(norm_eps(norm))
         self.key = ("fused", norm is not None, silu_mul, residual)  # its tuned configs in wt.configs
         self.handle = ops.register(self)  # for torch.compile (ops.w4a16_fused)
+        self.wt_handle = ops.register(wt)  # its plain product (ops.w4a16_linear), prefill under compile
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if (residual is not None) != self.residual:
             raise ValueError("this fused layer was built " + ("with" if self.residual else "without")
                              + " a residual input")
         if torch.compiler.is_compiling():
+            if x.is_cuda and x.numel() > 16 * x.shape[-1]:
+                # prefill-sized (static under compile): the unfused ops in the graph, so that
+                # Inductor fuses the norm, SiLU gate and residual add as it does without us
+                h = x if self.norm is None else self.norm(x)
+                y = torch.ops.compress.w4a16_linear(h, self.wt_handle, self.wt.out_features)
+                y = silu_mul_interleaved(y) if self.silu_mul else y
+                return y if residual is None else y + residual
             return torch.ops.compress.w4a16_fused(x, self.handle, self.out_features, residual)
         return self.run(x, residual)
 
