@@ -189,6 +189,17 @@ __device__ __forceinline__ float rsqrt_approx(float v) {
   asm("rsqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(v));
   return r;
 }
+// Sum of the squares of the 8 activations of a 16-byte load, in fp32 (the RMSNorm prologue).
+__device__ __forceinline__ float sumsq8(const V4& v) {
+  float s = 0.f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const u32 w = word(v, q);
+    const float lo = to_float(w & 0xFFFFu), hi = to_float(w >> 16);
+    s = fmaf(lo, lo, fmaf(hi, hi, s));
+  }
+  return s;
+}
 __device__ __forceinline__ V4 mul8(const V4& x, const V4& y) {  // elementwise, rounded once
   V4 r;
   r.a = scale_pair(x.a, y.a);
@@ -374,38 +385,9 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
   GRID_LAUNCH();
   V4 va[KC][4], vb[KC][4];
 #if NORM
-  // Sums of squares on the tensor cores: with A's rows g = x's rows g at the same logical k as B
-  // (and rows g + 8 zero), D = X X^T and its diagonal D[g][g] is the sum of row g's squares, exact
-  // fp16 products added in fp32 (two mma per 16-byte load instead of 16 conversions and fmas; the
-  // ALU version made the q/k/v launch 12% slower than the plain kernel).
-  float dq_a[4] = {0.f, 0.f, 0.f, 0.f};
-#if MROWS2
-  float dq_b[4] = {0.f, 0.f, 0.f, 0.f};
-#endif
+  float sq_a = 0.f, sq_b = 0.f;  // this lane's sums of squares of rows g and g + 8
 #endif
   load_x(sb, va, vb);
-#if RESID
-  // The residual this lane adds at the end, loaded now: a load issued after the main loop would
-  // wait its full latency at the very end of the kernel (asm volatile keeps it here).
-  u32 rv[NT][MH][2][2];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int mh = 0; mh < MH; ++mh)
-#pragma unroll
-      for (int d = 0; d < 2; ++d) {
-        const int m = 8 * mh + 2 * t + d, n = n0 + nt * 16 + g;
-        const bool on = wk == 0 && m < M && n0 + nt * 16 < N;
-        const u16* p = res + (size_t)(on ? m : 0) * ldr + (on ? n : 0);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          u16 v;
-          asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b16 %0, 0;\n"
-                       " @p ld.global.nc.u16 %0, [%1];\n}\n" : "=h"(v) : "l"(p + 8 * h), "r"((int)on));
-          rv[nt][mh][d][h] = v;
-        }
-      }
-#endif
   for (int i = sb; i < se; ++i) {
     cp_wait<STAGES - 2>();  // this lane's copies of step i have landed
     __syncwarp();           // ... and the other lanes', and all lanes are done with step i - 1
@@ -415,27 +397,17 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
     const Stage& S = st[i & (STAGES - 1)];
 #if NORM
     // x of this step (loaded during the previous one): square, then scale by the norm's weights
-    // (each column of a row is loaded by exactly one lane of the block, so the warps' sums add up
+    // (each column of a row is loaded by exactly one lane of the block, so the lanes' sums add up
     // to the row's; the 8 lanes of a column group read the same 16 bytes: a broadcast).
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const V4 gv = S.gam[kc][t][q];
-        {
-          const V4& xv = va[kc][q];
-          const u32 lo[4] = {xv.a, 0u, xv.b, 0u}, hi[4] = {xv.c, 0u, xv.d, 0u};
-          mma(dq_a, lo, xv.a, xv.b);
-          mma(dq_a, hi, xv.c, xv.d);
-        }
+        sq_a += sumsq8(va[kc][q]);
         va[kc][q] = mul8(va[kc][q], gv);
 #if MROWS2
-        {
-          const V4& xv = vb[kc][q];
-          const u32 lo[4] = {xv.a, 0u, xv.b, 0u}, hi[4] = {xv.c, 0u, xv.d, 0u};
-          mma(dq_b, lo, xv.a, xv.b);
-          mma(dq_b, hi, xv.c, xv.d);
-        }
+        sq_b += sumsq8(vb[kc][q]);
         vb[kc][q] = mul8(vb[kc][q], gv);
 #endif
       }
@@ -522,13 +494,12 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
 #endif
   cp_wait<0>();  // no copy may still be writing when the block exits or the stages are reused
 #if NORM
-  // D[g][g] sits in lane (g, g / 2), element g % 2: every lane of row group g takes it from there.
-  float sq_a = __shfl_sync(0xFFFFFFFFu, (g & 1) ? dq_a[1] : dq_a[0], 4 * g + (g >> 1));
+  // The four lanes t of a row group hold disjoint columns: every lane gets the warp's row sums.
+  sq_a += __shfl_xor_sync(0xFFFFFFFFu, sq_a, 1);
+  sq_a += __shfl_xor_sync(0xFFFFFFFFu, sq_a, 2);
 #if MROWS2
-  float sq_b = __shfl_sync(0xFFFFFFFFu, (g & 1) ? dq_b[1] : dq_b[0], 4 * g + (g >> 1));
-#else
-  float sq_b = 0.f;
-  (void)sq_b;
+  sq_b += __shfl_xor_sync(0xFFFFFFFFu, sq_b, 1);
+  sq_b += __shfl_xor_sync(0xFFFFFFFFu, sq_b, 2);
 #endif
 #endif
   constexpr int NACC = NT * MH * 4;  // reduction slots: the accumulators, then (NORM) the row sums
@@ -607,8 +578,8 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
 #if EPI == 1
         out[(size_t)m * ldo + ((n0 + nt * 16) >> 1) + g] = to_out(silu(v0) * v1);  // gate n, up n + 8
 #elif RESID
-        out[(size_t)m * ldo + n] = to_out(v0 + to_float(rv[nt][mh][d][0]));
-        out[(size_t)m * ldo + n + 8] = to_out(v1 + to_float(rv[nt][mh][d][1]));
+        out[(size_t)m * ldo + n] = to_out(v0 + to_float(res[(size_t)m * ldr + n]));
+        out[(size_t)m * ldo + n + 8] = to_out(v1 + to_float(res[(size_t)m * ldr + n + 8]));
 #else
         out[(size_t)m * ldo + n] = to_out(v0);
         out[(size_t)m * ldo + n + 8] = to_out(v1);
