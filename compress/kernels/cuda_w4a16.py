@@ -396,21 +396,20 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
     load_x(i + 1, na, nb);
     const Stage& S = st[i & (STAGES - 1)];
 #if NORM
-    // x of this step (loaded during the previous one): scale by the norm's weights (the 8 lanes of
-    // a column group read the same 16 bytes: a broadcast); with more than 8 rows also square (each
-    // column of a row is loaded by exactly one lane of the block, so the lanes' sums add up to the
-    // row's; up to 8 rows the squares are summed after the loop, below).
+    // x of this step (loaded during the previous one): square, then scale by the norm's weights
+    // (each column of a row is loaded by exactly one lane of the block, so the lanes' sums add up
+    // to the row's; the 8 lanes of a column group read the same 16 bytes: a broadcast).
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const V4 gv = S.gam[kc][t][q];
-#if MROWS2
         sq_a += sumsq8(va[kc][q]);
+        va[kc][q] = mul8(va[kc][q], gv);
+#if MROWS2
         sq_b += sumsq8(vb[kc][q]);
         vb[kc][q] = mul8(vb[kc][q], gv);
 #endif
-        va[kc][q] = mul8(va[kc][q], gv);
       }
 #endif
 #pragma unroll
@@ -495,28 +494,12 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
 #endif
   cp_wait<0>();  // no copy may still be writing when the block exits or the stages are reused
 #if NORM
-#if MROWS2
   // The four lanes t of a row group hold disjoint columns: every lane gets the warp's row sums.
   sq_a += __shfl_xor_sync(0xFFFFFFFFu, sq_a, 1);
   sq_a += __shfl_xor_sync(0xFFFFFFFFu, sq_a, 2);
+#if MROWS2
   sq_b += __shfl_xor_sync(0xFFFFFFFFu, sq_b, 1);
   sq_b += __shfl_xor_sync(0xFFFFFFFFu, sq_b, 2);
-#else
-  // Up to 8 rows: the sums of squares of this warp's columns, now, with all 32 lanes on each row
-  // (summed in the loop, every lane squared its loads, 7 of 8 lanes zeros at decode, and the
-  // fused launches measured 3-12% slower than plain ones; x is still in L1).
-  {
-    const int c0 = CHUNK_COLS * CPR * sb, c1 = min(K, CHUNK_COLS * CPR * se);
-    for (int r = 0; r < M; ++r) {
-      const u32* xr = x + (size_t)r * (ldx >> 1);
-      float s = 0.f;
-#pragma unroll 4
-      for (int c = c0 + 8 * lane; c < c1; c += 256) s += sumsq8(ld_x_if(xr + (c >> 1), true));
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
-      if (r == g) sq_a = s;
-    }
-  }
 #endif
 #endif
   constexpr int NACC = NT * MH * 4;  // reduction slots: the accumulators, then (NORM) the row sums
