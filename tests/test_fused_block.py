@@ -174,6 +174,24 @@ def test_fused_linear_float32_reference_matches_its_torch_path():
         fused_block.FusedLinear(wt, silu_mul=True)
 
 
+def test_bench_baseline_densify_gives_the_blocks_their_forward_back(monkeypatch):
+    """``compress bench`` times the checkpoint, then densifies the same model for its baseline: the
+    fused block forwards (which call the packed weights directly) must go with the packed layers."""
+    from compress.commands.bench import _densify
+
+    install_packed_stand_in(monkeypatch)
+    model = tiny_quantized_model()
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert accelerate(model, backend="triton").fused_blocks == 2
+        assert _densify(model) == 14
+        dense = model(ids).logits
+    assert not any(hasattr(b, "_compress_fused") or "forward" in b.__dict__ for b in model.model.layers)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert rel_err(dense, ref) < 1e-5
+
+
 def test_blocks_not_fused_when_the_mlp_is_not_silu_gated(monkeypatch):
     install_packed_stand_in(monkeypatch)
     model = tiny_quantized_model()
