@@ -18,7 +18,7 @@ from compress.kernels import accelerate, fused, fused_block, layout
 from compress.kernels.packed import W4A16Weight, dequantize_packed
 from compress.nn.qlinear import QuantizedLinear
 
-from tests.test_kernels import HAS_CUDA, rel_err, tiny_quantized_model
+from tests.test_kernels import HAS_CUDA, rel_err, take_gpu_path_with, tiny_quantized_model
 
 
 def pack_like_repack(mod: QuantizedLinear) -> W4A16Weight:
@@ -37,8 +37,6 @@ def pack_like_repack(mod: QuantizedLinear) -> W4A16Weight:
 def install_packed_stand_in(monkeypatch) -> list[int]:
     """``accelerate(backend="triton")`` takes its GPU path on the CPU; each layer's "kernel" is the
     exact product with its packed weight. Returns the list of out_features of each plain call."""
-    from compress.kernels import dispatch
-
     calls: list[int] = []
 
     def fake_backend(mod, large_m, width, pdl=True):
@@ -52,9 +50,7 @@ def install_packed_stand_in(monkeypatch) -> list[int]:
         forward.restore_codes = wt.restore_codes
         return forward
 
-    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
-    monkeypatch.setattr(dispatch, "_choose", lambda mod, *a: ("triton", "GPU W4A16"))
-    monkeypatch.setattr(dispatch, "_triton_backend", fake_backend)
+    take_gpu_path_with(monkeypatch, fake_backend)
     return calls
 
 

@@ -308,13 +308,21 @@ def test_accelerate_falls_back_for_an_unsupported_layer(caplog):
     assert rel_err(model(x), reference(model[0], x)) < 1e-5
 
 
+def take_gpu_path_with(monkeypatch, fake_backend) -> None:
+    """Make ``accelerate(backend="triton")`` take its GPU path on the CPU, each layer's packing and
+    kernel stood in for by ``fake_backend(mod, large_m, width, pdl)`` (returns the forward)."""
+    from compress.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
+    monkeypatch.setattr(dispatch, "_choose", lambda mod, *a: ("triton", "GPU W4A16"))
+    monkeypatch.setattr(dispatch, "_triton_backend", fake_backend)
+
+
 def test_accelerate_gpu_path_names_the_kernel_and_releases_the_codes(monkeypatch):
     """The install step of the GPU path, on the CPU: packing is stood in for by the real layouts of
     the two kernels (what ``triton_w4a16.repack`` chooses between), so the dispatcher's naming and the
     released codes' exact restore are checked without CUDA."""
     from types import SimpleNamespace
-
-    from compress.kernels import dispatch
 
     def fake_backend(mod, large_m, width, pdl=True):
         kernel = "cuda" if mod.out_features == 48 else "triton"
@@ -330,9 +338,7 @@ def test_accelerate_gpu_path_names_the_kernel_and_releases_the_codes(monkeypatch
         forward.restore_codes = packed.restore_codes
         return forward
 
-    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
-    monkeypatch.setattr(dispatch, "_choose", lambda mod, *a: ("triton", "GPU W4A16"))
-    monkeypatch.setattr(dispatch, "_triton_backend", fake_backend)
+    take_gpu_path_with(monkeypatch, fake_backend)
     model = nn.Sequential(make_layer(48, 256, 32, False, True, True, seed=7),  # act-order: codes permuted
                           make_layer(40, 48, 16, True, False, False, seed=8))
     codes = [m.qweight.clone() for m in model]
@@ -354,8 +360,6 @@ def install_exact_gpu_stand_in(monkeypatch) -> list[int]:
     the list that records each call's out_features."""
     from types import SimpleNamespace
 
-    from compress.kernels import dispatch
-
     calls: list[int] = []
 
     def fake_backend(mod, large_m, width, pdl=True):
@@ -368,9 +372,7 @@ def install_exact_gpu_stand_in(monkeypatch) -> list[int]:
         forward.restore_codes = forward.packed.restore_codes
         return forward
 
-    monkeypatch.setattr(dispatch, "_triton_status", lambda: (True, ""))
-    monkeypatch.setattr(dispatch, "_choose", lambda mod, *a: ("triton", "GPU W4A16"))
-    monkeypatch.setattr(dispatch, "_triton_backend", fake_backend)
+    take_gpu_path_with(monkeypatch, fake_backend)
     return calls
 
 
