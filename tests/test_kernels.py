@@ -226,6 +226,7 @@ def test_accelerate_auto_on_cpu_installs_cpu_int4_and_says_so(caplog):
         fast = model(ids).logits
         dense = model(long_ids).logits  # past CPU_DENSE_MIN_ROWS: dequantized, exact fp32
     assert report.counts() == {"cpu-int4": 14}
+    assert report.fused_blocks == 0 and "CUDA kernel" in report.fused_blocks_reason  # a GPU-only fusion
     assert any("cpu-int4" in r.message for r in caplog.records)
     assert rel_err(fast, ref) < 3e-2  # bf16 activations through two blocks
     assert rel_err(dense, ref_long) < 1e-5

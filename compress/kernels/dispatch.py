@@ -271,10 +271,14 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
         report.reasons[name] = reason
     if fuse and fuse_blocks and adapter is not None and not report.fused_blocks_reason:
         forwards = {n: mods[n]._backend for n in mods if getattr(mods[n]._backend, "packed", None) is not None}
-        report.fused_blocks = fused_block.install(model, adapter, groups, forwards)
+        if groups:
+            report.fused_blocks = fused_block.install(model, adapter, groups, forwards)
         if report.fused_blocks:
             log.warning("accelerate: %d decoder block(s) run their RMSNorms, SiLU gate and residual adds "
                         "inside the W4A16 kernels (fused_block)", report.fused_blocks)
+        else:
+            report.fused_blocks_reason = ("no block has all its projections stacked on the CUDA kernel "
+                                          "(CPU path, Triton path or act-order layers)")
     elif fuse_blocks and not report.fused_blocks_reason:
         report.fused_blocks_reason = "fuse=False" if not fuse else "no adapter-table entry for this model"
     if torch.cuda.is_available() and any(p in ("cuda", "triton") for p in report.layers.values()):
