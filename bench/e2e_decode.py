@@ -84,6 +84,13 @@ def logits_check(model: nn.Module, vocab: int, tokens: int = 16) -> float:
     return float((fast - ref).norm() / ref.norm())
 
 
+def save_partial(path: str | None, out: dict) -> None:
+    """Write the results so far (``"partial": true``); the final write replaces them."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({**out, "partial": True}, indent=1, default=str))
+
+
 MODES = ("eager", "cuda_graph", "compile", "compile_pdl")  # compile_pdl: Inductor's kernels with PDL too
 
 VARIANTS = {  # name -> accelerate() options
@@ -173,6 +180,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
             r = time_generation(model, args.prompt, args.generate, 1, mode=mode.removesuffix("_pdl"),
                                 repeats=args.repeats, warmup=1, sdpa=args.sdpa, inductor_pdl=mode == "compile_pdl")
             out["runs"][f"{tag}_{mode}"] = r
+            save_partial(args.out, out)  # a run cut off by the device call's limit keeps what it timed
             print(f"{tag:9} {mode:10} prefill {r['prefill_ms']:8.2f} ms  decode {r['decode_ms_per_token']:7.3f} ms/token "
                   f"({r['decode_tokens_per_s']:7.1f} tok/s) tokens_match_eager={r['tokens_match_eager']} "
                   f"[{time.time() - t0:.0f}s]", flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel benchmark, end-to-end decode, latency table.
 # Usage (on the GPU machine, repo root): bash bench/gpu_suite.sh STAGES   (e.g. "env tests kernel e2e latency";
-# also: e2e_act, cli)
+# also: e2e_act, fused, cli)
 # Logs and JSON go to $OUT (or bench/results/device when unset).
 set -u
 # the machine lacks pydantic (compress.recipe imports it): wheels carried in .whl (see bench/gpu_real_model.sh)
@@ -20,7 +20,8 @@ for stage in $STAGES; do
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
       python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" ;;
     tests)
-      timeout 200 python3 -m pytest tests/test_kernels.py -q -m gpu -p no:cacheprovider -n 8 > "$OUT/pytest_gpu.log" 2>&1
+      timeout 240 python3 -m pytest tests/test_kernels.py tests/test_fused_block.py -q -m gpu -p no:cacheprovider -n 8 \
+        > "$OUT/pytest_gpu.log" 2>&1
       tail -25 "$OUT/pytest_gpu.log" ;;
     kernel)
       timeout 150 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1
@@ -46,6 +47,14 @@ PY
       timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl \
         --out "$OUT/e2e_gpu.json" > "$OUT/e2e.log" 2>&1
       grep -v Warning "$OUT/e2e.log" | tail -12 ;;
+    fused)
+      # fused decoder blocks: what the fusions cost per launch, then the 8-layer A/B against stacked
+      # launches without them (same call), compiled + Inductor PDL
+      timeout 100 python3 bench/fused_kernels.py --batches 1 --out "$OUT/fused_kernels.json" > "$OUT/fused_kernels.log" 2>&1
+      tail -5 "$OUT/fused_kernels.log"
+      timeout 300 python3 bench/e2e_decode.py gpu --layers 8 --variants fused_pdl,stacked_pdl --modes compile_pdl \
+        --out "$OUT/e2e8_fused_blocks.json" > "$OUT/e2e8_fused.log" 2>&1
+      grep -v Warning "$OUT/e2e8_fused.log" | tail -4 ;;
     e2e_act)
       # GPTQ-style act-order layers (RTN numerics): the gather costs under compile and CUDA graphs
       timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --act-order \
