@@ -269,24 +269,36 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
             mod.set_backend(None)
         report.layers[name] = path
         report.reasons[name] = reason
-    if fuse and fuse_blocks and adapter is not None and not report.fused_blocks_reason:
-        forwards = {n: mods[n]._backend for n in mods if getattr(mods[n]._backend, "packed", None) is not None}
-        if groups:
-            report.fused_blocks = fused_block.install(model, adapter, groups, forwards)
-        if report.fused_blocks:
-            log.warning("accelerate: %d decoder block(s) run their RMSNorms, SiLU gate and residual adds "
-                        "inside the W4A16 kernels (fused_block)", report.fused_blocks)
-        else:
-            report.fused_blocks_reason = ("no block has all its projections stacked on the CUDA kernel "
-                                          "(CPU path, Triton path or act-order layers)")
-    elif fuse_blocks and not report.fused_blocks_reason:
-        report.fused_blocks_reason = "fuse=False" if not fuse else "no adapter-table entry for this model"
+    if fuse_blocks:
+        _fuse_blocks(model, fuse, adapter, groups, mods, report)
     if torch.cuda.is_available() and any(p in ("cuda", "triton") for p in report.layers.values()):
         # A PDL launch reads its weights before waiting for the previous kernel: make sure the
         # repacking kernels have finished before any of them runs.
         torch.cuda.synchronize()
     _log_summary(report)
     return report
+
+
+def _fuse_blocks(model: nn.Module, fuse: bool, adapter: Any, groups: dict[str, Any],
+                 mods: dict[str, QuantizedLinear], report: AccelerationReport) -> None:
+    """Install fused block forwards where every projection of a block is on the CUDA kernel
+    (``fused_block.install``); the report says how many, or why none."""
+    from compress.kernels import fused_block
+
+    if report.fused_blocks_reason:  # fused_block.why_not said so before stacking
+        return
+    if not fuse or adapter is None:
+        report.fused_blocks_reason = "fuse=False" if not fuse else "no adapter-table entry for this model"
+        return
+    forwards = {n: m._backend for n, m in mods.items() if getattr(m._backend, "packed", None) is not None}
+    if groups:
+        report.fused_blocks = fused_block.install(model, adapter, groups, forwards)
+    if report.fused_blocks:
+        log.warning("accelerate: %d decoder block(s) run their RMSNorms, SiLU gate and residual adds "
+                    "inside the W4A16 kernels (fused_block)", report.fused_blocks)
+    else:
+        report.fused_blocks_reason = ("no block has all its projections stacked on the CUDA kernel "
+                                      "(CPU path, Triton path or act-order layers)")
 
 
 def _known_adapter(model: nn.Module) -> Any:

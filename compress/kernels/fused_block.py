@@ -20,7 +20,12 @@ table describes (``Adapter.decode_block``), built from the adapter's names: the 
 parameters and state_dict are unchanged, and its attention module still runs as transformers wrote
 it (rotary, cache, the attention backend). Only the norms, the MLP's activation and the residual
 adds move. Inputs the kernel does not take (more than 16 rows, other dtypes, CPU) run the same
-arithmetic in torch (the norm module's own forward, dequantize + GEMM).
+arithmetic in torch (the norm module's own forward, dequantize + GEMM); under torch.compile those
+ops are traced into the graph, where Inductor fuses them as it does without us.
+
+Measured (H100, Llama-2-7B shape, compiled decode; docs/kernels.md): 5.7 us less per block, 2.26 ->
+2.08 ms per token (2.64x -> 2.87x over fp16). Inside our kernels the fusions cost 3-12% per
+launch, 2.8 us per block, which is what 3x still needs.
 
 Numerics against the unfused block: the kernel multiplies h by the norm's weight in the activation
 dtype and scales by 1 / rms in float32 after the product (transformers rounds h / rms first); SiLU
