@@ -188,6 +188,40 @@ def test_bench_baseline_densify_gives_the_blocks_their_forward_back(monkeypatch)
     assert rel_err(dense, ref) < 1e-5
 
 
+def test_a_block_whose_norm_lacks_what_the_kernel_needs_is_left_unfused(monkeypatch):
+    """A norm without an epsilon attribute (e.g. a custom RMSNorm) keeps that block on its own
+    forward; the other blocks are fused and the model still computes the same function."""
+    install_packed_stand_in(monkeypatch)
+    model = tiny_quantized_model()
+    norm = model.model.layers[1].post_attention_layernorm
+    del norm.variance_epsilon
+    norm.my_eps = 1e-6  # the forward below still needs some epsilon
+    norm.forward = lambda h: norm.weight * (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True)
+                                                                     + norm.my_eps)).to(h.dtype)
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = accelerate(model, backend="triton")
+        got = model(ids).logits
+    assert report.fused_blocks == 1
+    assert hasattr(model.model.layers[0], "_compress_fused") and not hasattr(model.model.layers[1], "_compress_fused")
+    assert rel_err(got, ref) < 1e-5
+
+
+def test_blocks_not_fused_for_decoder_layers_that_return_tuples(monkeypatch):
+    """transformers < 4.54 decoder layers return tuples; the fused forward returns the hidden states."""
+    install_packed_stand_in(monkeypatch)
+    model = tiny_quantized_model()
+    layer_cls = type(model.model.layers[0])
+
+    def old_style_forward(self, hidden_states, **kwargs) -> tuple[torch.Tensor]:
+        raise AssertionError("not called")
+    monkeypatch.setattr(layer_cls, "forward", old_style_forward)
+    from compress.adapters import get_adapter
+
+    assert "tuples" in fused_block.why_not(model, get_adapter(model))
+
+
 def test_blocks_not_fused_when_the_mlp_is_not_silu_gated(monkeypatch):
     install_packed_stand_in(monkeypatch)
     model = tiny_quantized_model()

@@ -79,6 +79,11 @@ class FusedLinear:
         self.silu_mul = silu_mul
         self.residual = residual
         self.out_features = wt.out_features // 2 if silu_mul else wt.out_features
+        if norm is not None and getattr(norm, "weight", None) is None:
+            raise ValueError(f"{type(norm).__name__} has no weight (the kernel scales by it)")
+        if norm is not None and norm.weight.shape != (wt.in_features,):
+            raise ValueError(f"{type(norm).__name__}.weight has shape {tuple(norm.weight.shape)}, "
+                             f"not [{wt.in_features}]")
         self.gamma = None if norm is None else norm.weight.detach().contiguous()
         self.eps = None if norm is None else float(norm_eps(norm))
         self.key = ("fused", norm is not None, silu_mul, residual)  # its tuned configs in wt.configs
@@ -279,7 +284,11 @@ def install(model: nn.Module, adapter: Any, groups: dict[str, Any], forwards: di
         if any(p.kernel != "cuda" or p.perm is not None for p in packed):
             log.info("accelerate: block %d not fused (act-order or Triton-path layers)", i)
             continue
-        fb = FusedBlock(block, spec, adapter.attn, adapter.mlp, q, o, gu, down)
+        try:
+            fb = FusedBlock(block, spec, adapter.attn, adapter.mlp, q, o, gu, down)
+        except ValueError as e:  # e.g. a norm module without the weight or epsilon the kernel needs
+            log.info("accelerate: block %d not fused: %s", i, e)
+            continue
         fb.original = block.forward
         block._compress_fused = fb
         block.forward = fb.forward  # an instance attribute: the class and other instances keep theirs
