@@ -203,8 +203,8 @@ class _Slot:
 class FusedBlock:
     """The pieces ``install`` puts on one decoder block (kept on it as ``_compress_fused``)."""
 
-    def __init__(self, block: nn.Module, spec: Any, attn_names: dict[str, str], mlp_names: dict[str, str],
-                 qkv_group: Any, o_fn: Callable, gate_up: Any, down_fn: Callable):
+    def __init__(self, block: nn.Module, spec: Any, o_name: str, qkv_group: Any, o_fn: Callable, gate_up: Any,
+                 down_fn: Callable):
         from compress.adapters import get_submodule
 
         self.slot = _Slot()
@@ -231,7 +231,7 @@ class FusedBlock:
             return plain_o(x) if res is None else self.o(x, res)
         o_forward.packed = plain_o.packed
         o_forward.restore_codes = plain_o.restore_codes
-        get_submodule(block, attn_names["o"]).set_backend(o_forward)
+        get_submodule(block, o_name).set_backend(o_forward)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``h + attn(norm1(h))``, then ``+ down(silu(gate) * up)`` of its norm, in 4 of our launches."""
@@ -285,7 +285,7 @@ def install(model: nn.Module, adapter: Any, groups: dict[str, Any], forwards: di
             log.info("accelerate: block %d not fused (act-order or Triton-path layers)", i)
             continue
         try:
-            fb = FusedBlock(block, spec, adapter.attn, adapter.mlp, q, o, gu, down)
+            fb = FusedBlock(block, spec, adapter.attn["o"], q, o, gu, down)
         except ValueError as e:  # e.g. a norm module without the weight or epsilon the kernel needs
             log.info("accelerate: block %d not fused: %s", i, e)
             continue
