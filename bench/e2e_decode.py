@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress.adapters import set_submodule  # noqa: E402
 from compress.algos.quant import default_g_idx, rtn_quantize, rtn_quantize_permuted  # noqa: E402
 from compress.kernels import accelerate, fused_block, tune_triton  # noqa: E402
-from compress.kernels.dispatch import packed_weights  # noqa: E402
+from compress.kernels.dispatch import CPU_PREFILL, packed_weights  # noqa: E402
 from compress.nn.qlinear import QuantizedLinear  # noqa: E402
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="gpu: also profile decode steps by kernel family (compiled when --modes has compile)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--cpu-prefill", default="auto", choices=["auto", "bf16", "fp32"],
+    ap.add_argument("--cpu-prefill", default="auto", choices=CPU_PREFILL,
                     help="cpu: dense arithmetic for prefill-sized inputs (accelerate's cpu_prefill)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="cpu: dtype of the model (its float baseline and the INT4 model's other layers)")

@@ -146,6 +146,13 @@ def test_fused_blocks_trace_under_torch_compile_in_one_graph(monkeypatch):
     assert rel_err(got, ref) < 1e-5
 
 
+def test_tuned_keys_are_labelled_for_the_bench_json():
+    """``compress bench --json`` names each tuned config by this label (plain and fused launches)."""
+    assert fused_block.key_label((1, 4096, 4096)) == "1x4096x4096"
+    assert fused_block.key_label((1, 22016, 4096, "fused", True, True, False)) == "1x22016x4096+norm+silu"
+    assert fused_block.key_label((4, 4096, 11008, "fused", False, False, True)) == "4x4096x11008+residual"
+
+
 def test_fused_linear_float32_reference_matches_its_torch_path():
     """``reference_fp32`` (what tuning and the GPU tests compare the kernel with) and ``reference``
     (what runs where the kernel does not) compute the same function."""

@@ -173,11 +173,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     {"cuda", "triton"} & set(report.layers.values())):
                 from compress.kernels import tune_triton
 
+                from compress.kernels.fused_block import key_label
+
                 tuned = tune_triton(model, (args.batch,))  # decode rows; prefill dequantizes (M > 16)
-                # keys (M, N, K) for plain launches, (M, N, K, "fused", norm, silu, residual) for fused ones
-                result["tuned"] = {"x".join(map(str, key[:3])) + ("" if len(key) == 3 else "+" + "+".join(
-                    f for f, on in zip(("norm", "silu", "residual"), key[4:]) if on)): c.as_dict()
-                    for key, c in tuned.items()}
+                result["tuned"] = {key_label(key): c.as_dict() for key, c in tuned.items()}
             comp = _measure(model, args, device)
             result.update({k: comp[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "mode")})
             result["runs"] = {"compressed": comp}

@@ -342,8 +342,7 @@ def _install_fused(names: list[str], mods: list[QuantizedLinear], large_m: str, 
     from compress.kernels import fused
 
     why = fused.stackable(mods)
-    if why is None and interleave and mods[0].out_features % 8:
-        interleave = False
+    interleave = interleave and fused.can_interleave(mods)
     if why is not None:
         log.info("accelerate: not fusing %s: %s", ", ".join(names), why)
         return None
@@ -410,7 +409,7 @@ def tune_triton(model: nn.Module, batch_sizes: tuple[int, ...] = (1,)) -> dict[t
 
     tuned_fused: set[tuple] = set()
     for fl in fused_block.fused_linears(model):
-        sig = (fl.wt.out_features, fl.wt.in_features, fl.key, id(fl.wt.configs))
+        sig = (fl.key, id(fl.wt.configs))  # same-shaped layers share one configs dict (above)
         if sig in tuned_fused:
             continue
         tuned_fused.add(sig)

@@ -56,9 +56,8 @@ class FusedGroup:
         ver = None if torch.compiler.is_compiling() else _version(x)
         if self._x is not x or ver != self._ver or i not in self._pending:
             y = self.fn(x)
-            if self.interleaved:  # [.., N/16, 2, 8] -> member i's rows, in order (a copy)
-                pairs = y.unflatten(-1, (-1, 2, 8))
-                self._outs = [pairs[..., i, :].flatten(-2) for i in range(2)]
+            if self.interleaved:
+                self._outs = list(deinterleave(y))
             else:
                 self._outs = [y[..., a:b] for a, b in self.bounds]
             self._x, self._ver = x, ver
@@ -72,7 +71,6 @@ class FusedGroup:
     def member(self, i: int, packed: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         """The forward to install on member ``i`` (``packed``: the stacked weight, for tuning; its
         ``restore_codes(rows)`` rebuilds those rows of the stacked layer's uint8 codes exactly)."""
-        a, b = self.bounds[i]
         rows = member_rows(self.bounds, i, self.interleaved)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +78,6 @@ class FusedGroup:
 
         forward.packed = packed
         forward.fused_with = self.names
-        forward.group = self
         forward.restore_codes = lambda: packed.restore_codes(  # this member's rows only
             rows if isinstance(rows, slice) else rows.to(packed.words.device))
         return forward
@@ -92,7 +89,22 @@ def member_rows(bounds: list[tuple[int, int]], i: int, interleaved: bool) -> sli
     if not interleaved:
         return slice(a, b)
     total = bounds[-1][1]
-    return torch.arange(total).view(-1, 2, 8)[:, i, :].reshape(-1)
+    return torch.arange(total).view(-1, 2, INTERLEAVE)[:, i, :].reshape(-1)
+
+
+INTERLEAVE = 8  # rows of each member in turn when two members are interleaved (``stack``)
+
+
+def deinterleave(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two members' outputs (copies, each [.., N/2]) from an interleaved stack's [.., N]."""
+    pairs = y.unflatten(-1, (-1, 2, INTERLEAVE))
+    return pairs[..., 0, :].flatten(-2), pairs[..., 1, :].flatten(-2)
+
+
+def can_interleave(mods: list[QuantizedLinear]) -> bool:
+    """Two layers of equal out_features, a multiple of ``INTERLEAVE`` (a gated MLP's gate and up)."""
+    return (len(mods) == 2 and mods[0].out_features == mods[1].out_features
+            and mods[0].out_features % INTERLEAVE == 0)
 
 
 def stackable(mods: list[QuantizedLinear]) -> str | None:
@@ -124,15 +136,14 @@ def stack(mods: list[QuantizedLinear], interleave: bool = False
     for m in mods:
         bounds.append((start, start + m.out_features))
         start += m.out_features
-    if interleave and (len(mods) != 2 or mods[0].out_features != mods[1].out_features
-                       or mods[0].out_features % 8):
-        raise ValueError("interleaving needs two layers of equal out_features, a multiple of 8")
+    if interleave and not can_interleave(mods):
+        raise ValueError(f"interleaving needs two layers of equal out_features, a multiple of {INTERLEAVE}")
     first = mods[0]
 
     def cat(ts: list[torch.Tensor]) -> torch.Tensor:  # along the output dimension (dim 0)
         t = torch.cat(ts)
         if interleave:
-            t = t.view(2, -1, 8, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+            t = t.view(2, -1, INTERLEAVE, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
         return t
 
     bias = None if first.bias is None else cat([m.bias.detach() for m in mods])

@@ -56,8 +56,18 @@ def rms_norm_fp32(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 def silu_mul_interleaved(y: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for a stacked gate/up output whose columns alternate 8 gate and 8 up."""
-    pairs = y.unflatten(-1, (-1, 2, 8))
-    return (nn.functional.silu(pairs[..., 0, :]) * pairs[..., 1, :]).flatten(-2)
+    from compress.kernels.fused import deinterleave
+
+    gate, up = deinterleave(y)
+    return nn.functional.silu(gate) * up
+
+
+def key_label(key: tuple) -> str:
+    """``tune_triton``'s key of a tuned config as text: "MxNxK", plus "+norm", "+silu", "+residual"
+    for a fused launch (``FusedLinear.key`` follows M, N, K)."""
+    m, n, k, *fused = key
+    flags = zip(("norm", "silu", "residual"), fused[1:]) if fused else ()
+    return f"{m}x{n}x{k}" + "".join(f"+{name}" for name, on in flags if on)
 
 
 class FusedLinear:
@@ -95,7 +105,7 @@ class FusedLinear:
             raise ValueError("this fused layer was built " + ("with" if self.residual else "without")
                              + " a residual input")
         if torch.compiler.is_compiling():
-            if x.is_cuda and x.numel() > 16 * x.shape[-1]:
+            if x.is_cuda and x.numel() > self.wt.max_small_m * x.shape[-1]:
                 # prefill-sized (static under compile): the unfused ops in the graph, so that
                 # Inductor fuses the norm, SiLU gate and residual add as it does without us
                 h = x if self.norm is None else self.norm(x)
@@ -107,7 +117,7 @@ class FusedLinear:
 
     def kernel_ok(self, x2d: torch.Tensor) -> bool:
         """Whether the CUDA kernel takes these activations (else ``reference`` runs)."""
-        return (x2d.is_cuda and x2d.dtype in (torch.float16, torch.bfloat16) and x2d.shape[0] <= 16
+        return (x2d.is_cuda and x2d.dtype in (torch.float16, torch.bfloat16) and x2d.shape[0] <= self.wt.max_small_m
                 and self.wt.kernel == "cuda" and self.wt.perm is None
                 and (self.gamma is None or self.gamma.dtype == x2d.dtype))
 
@@ -132,8 +142,6 @@ class FusedLinear:
     def launch(self, x2d: torch.Tensor, res2d: torch.Tensor | None, cfg: Any, wt: Any = None) -> torch.Tensor:
         from compress.kernels import cuda_w4a16
 
-        if x2d.stride(1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) % 8) or x2d.data_ptr() % 16:
-            x2d = x2d.contiguous()
         if res2d is not None and res2d.stride(1) != 1:
             res2d = res2d.contiguous()
         return cuda_w4a16.matmul(x2d, wt or self.wt, cfg, norm=None if self.gamma is None else (self.gamma, self.eps),
@@ -207,6 +215,7 @@ class FusedBlock:
                  down_fn: Callable):
         from compress.adapters import get_submodule
 
+        self.original = block.forward  # the class's forward, for calls the fused one does not take
         self.slot = _Slot()
         self.attention = get_submodule(block, spec.attention)
         norm1 = get_submodule(block, spec.input_norm)
@@ -289,33 +298,33 @@ def install(model: nn.Module, adapter: Any, groups: dict[str, Any], forwards: di
         except ValueError as e:  # e.g. a norm module without the weight or epsilon the kernel needs
             log.info("accelerate: block %d not fused: %s", i, e)
             continue
-        fb.original = block.forward
         block._compress_fused = fb
         block.forward = fb.forward  # an instance attribute: the class and other instances keep theirs
         done += 1
     return done
 
 
+def _fused_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "_compress_fused", None), FusedBlock)]
+
+
 def fused_linears(model: nn.Module) -> list[FusedLinear]:
     """Every FusedLinear of the fused blocks of ``model`` (for tuning)."""
-    return [fl for m in model.modules() if isinstance(getattr(m, "_compress_fused", None), FusedBlock)
-            for fl in m._compress_fused.linears]
+    return [fl for m in _fused_blocks(model) for fl in m._compress_fused.linears]
 
 
 def uninstall(model: nn.Module) -> None:
     """Give every fused block its class's forward back (``accelerate`` calls it first)."""
-    for m in model.modules():
-        if isinstance(getattr(m, "_compress_fused", None), FusedBlock):
-            del m._compress_fused
-            m.__dict__.pop("forward", None)
+    for m in _fused_blocks(model):
+        del m._compress_fused
+        m.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
 def suspended(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s blocks unfused inside the ``with`` (reference checks against the dequantize
     path, which swap the layers' forwards and must not go through the fused launches)."""
-    saved = [(m, m.__dict__.pop("forward")) for m in model.modules()
-             if isinstance(getattr(m, "_compress_fused", None), FusedBlock) and "forward" in m.__dict__]
+    saved = [(m, m.__dict__.pop("forward")) for m in _fused_blocks(model) if "forward" in m.__dict__]
     try:
         yield
     finally:
