@@ -23,9 +23,10 @@ adds move. Inputs the kernel does not take (more than 16 rows, other dtypes, CPU
 arithmetic in torch (the norm module's own forward, dequantize + GEMM); under torch.compile those
 ops are traced into the graph, where Inductor fuses them as it does without us.
 
-Measured (H100, Llama-2-7B shape, compiled decode; docs/kernels.md): 5.7 us less per block, 2.26 ->
-2.08 ms per token (2.64x -> 2.87x over fp16). Inside our kernels the fusions cost 3-12% per
-launch, 2.8 us per block, which is what 3x still needs.
+Measured (H100, Llama-2-7B shape, compiled decode; docs/kernels.md): 5.7 us less per block in an
+8-layer A/B, 2.08 ms per token over 32 layers (2.87x over fp16; session 5's code: 2.26 ms, 2.64x,
+on another lease). Inside our kernels the fusions cost 3-12% per launch, 2.8 us per block, which is
+what 3x still needs.
 
 Numerics against the unfused block: the kernel multiplies h by the norm's weight in the activation
 dtype and scales by 1 / rms in float32 after the product (transformers rounds h / rms first); SiLU
