@@ -56,8 +56,8 @@ class FusedGroup:
         ver = None if torch.compiler.is_compiling() else _version(x)
         if self._x is not x or ver != self._ver or i not in self._pending:
             y = self.fn(x)
-            if self.interleaved:
-                self._outs = list(deinterleave(y))
+            if self.interleaved:  # member i's rows, in order (a copy)
+                self._outs = [t.flatten(-2) for t in deinterleave(y)]
             else:
                 self._outs = [y[..., a:b] for a, b in self.bounds]
             self._x, self._ver = x, ver
@@ -96,9 +96,10 @@ INTERLEAVE = 8  # rows of each member in turn when two members are interleaved (
 
 
 def deinterleave(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two members' outputs (copies, each [.., N/2]) from an interleaved stack's [.., N]."""
+    """The two members' outputs from an interleaved stack's [.., N], as views [.., N/16, 8] (their
+    ``flatten(-2)`` is each member's [.., N/2])."""
     pairs = y.unflatten(-1, (-1, 2, INTERLEAVE))
-    return pairs[..., 0, :].flatten(-2), pairs[..., 1, :].flatten(-2)
+    return pairs[..., 0, :], pairs[..., 1, :]
 
 
 def can_interleave(mods: list[QuantizedLinear]) -> bool:

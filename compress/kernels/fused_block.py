@@ -60,7 +60,7 @@ def silu_mul_interleaved(y: torch.Tensor) -> torch.Tensor:
     from compress.kernels.fused import deinterleave
 
     gate, up = deinterleave(y)
-    return nn.functional.silu(gate) * up
+    return (nn.functional.silu(gate) * up).flatten(-2)
 
 
 def key_label(key: tuple) -> str:
