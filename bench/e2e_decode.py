@@ -124,7 +124,7 @@ def kernel_profile(model: nn.Module, prompt: int, compiled: bool, steps: int = 8
     # (Inductor names its fused kernels after the ops they consume, e.g. "..._w4a16_linear_11": match
     # our kernels by their own names only)
     families = {"w4a16 (ours)": ("w4a16_mma", "w4a16_dequant"), "gemm (cuBLAS)": ("gemm", "gemv", "sm90_", "cutlass", "cublas"),
-                "attention": ("attention", "fmha", "flash", "sdpa", "softmax"),
+                "attention": ("attention", "fmha", "flash", "sdpa", "softmax", "decode_attn"),
                 "fused elementwise (Triton/Inductor)": ("triton_",)}
     out: dict[str, Any] = {k: {"us_per_step": 0.0, "kernels_per_step": 0.0} for k in [*families, "other"]}
     top = []
@@ -166,7 +166,18 @@ def run_gpu(args: argparse.Namespace) -> dict:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
-    model = random_llama(config, torch.float16, "cuda", attn_implementation=args.attn)
+    model = random_llama(config, torch.float16, "cuda", attn_implementation="sdpa" if args.attn == "compress" else args.attn)
+    if args.attn == "compress":  # our decode attention kernel, in both models (the INT4 one is this model)
+        from compress.kernels import attention
+
+        from compress.kernels.decode_attention import Config
+
+        cfg = None
+        if args.attn_config:
+            w, t, bps = args.attn_config.split(":")
+            cfg = Config(int(w), int(t), float(bps))
+        out["attention_modules"] = attention.install(model, config=cfg)
+        out["attn_config"] = "choose_config" if cfg is None else cfg.__dict__
 
     def profile() -> dict:
         # profile what the last compiled mode compiled (with Inductor's PDL when that mode ran)
@@ -294,8 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                          "compile_pdl (the same with Inductor's kernels launched with PDL, sm_90+)")
     ap.add_argument("--layers", type=int, default=None,
                     help="gpu: decoder layers (default: Llama-2-7B's 32; fewer for quicker A/B runs under compile)")
-    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention", "eager"],
-                    help="gpu: transformers attention implementation (both models; default: sdpa)")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "compress", "flex_attention", "eager"],
+                    help="gpu: transformers attention implementation (both models; default: sdpa); compress: "
+                         "our decode attention kernel (compress.kernels.attention), SDPA for prefill")
+    ap.add_argument("--attn-config", default=None,
+                    help="gpu, --attn compress: WARPS:T:BLOCKS_PER_SM (decode_attention.Config; default: choose_config by cache length)")
     ap.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn", "math"],
                     help="gpu: attention backend for both models (default: torch's choice)")
     ap.add_argument("--profile", action="store_true",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel benchmark, end-to-end decode, latency table.
 # Usage (on the GPU machine, repo root): bash bench/gpu_suite.sh STAGES   (e.g. "env tests kernel e2e latency";
-# also: e2e_act, fused, cli)
+# also: e2e_act, fused, attn, cli)
 # Logs and JSON go to $OUT (or bench/results/device when unset).
 set -u
 # the machine lacks pydantic (compress.recipe imports it): wheels carried in .whl (see bench/gpu_real_model.sh)
@@ -55,6 +55,17 @@ PY
       timeout 300 python3 bench/e2e_decode.py gpu --layers 8 --variants fused_pdl,stacked_pdl --modes compile_pdl \
         --out "$OUT/e2e8_fused_blocks.json" > "$OUT/e2e8_fused.log" 2>&1
       grep -v Warning "$OUT/e2e8_fused.log" | tail -4 ;;
+    attn)
+      # our decode attention kernel: GPU tests, per-call times against SDPA's backends, then the
+      # 8-layer compiled decode with it in both models
+      timeout 200 python3 -m pytest tests/test_decode_attention.py -q -m gpu -p no:cacheprovider -n 8 \
+        > "$OUT/pytest_gpu_attn.log" 2>&1
+      tail -5 "$OUT/pytest_gpu_attn.log"
+      timeout 120 python3 bench/decode_attention.py --out "$OUT/decode_attention.json" > "$OUT/decode_attention.log" 2>&1
+      cat "$OUT/decode_attention.log"
+      timeout 300 python3 bench/e2e_decode.py gpu --layers 8 --variants fused_pdl --modes compile_pdl --attn compress \
+        --out "$OUT/e2e8_attn.json" > "$OUT/e2e8_attn.log" 2>&1
+      grep -v Warning "$OUT/e2e8_attn.log" | tail -4 ;;
     e2e_act)
       # GPTQ-style act-order layers (RTN numerics): the gather costs under compile and CUDA graphs
       timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --act-order \

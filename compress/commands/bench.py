@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="GPU: keep RMSNorms, SiLU(gate) * up and residual adds out of the W4A16 launches "
                         "(default: inside them, in decoder blocks the adapter table describes; "
                         "compress.kernels.fused_block)")
+    r.add_argument("--no-decode-attention", dest="decode_attention", action="store_false",
+                   help="GPU: transformers' SDPA attention at decode (default: our split decode attention kernel, "
+                        "compress.kernels.attention, in both the compressed model and the baseline)")
     r.add_argument("--no-pdl", dest="pdl", action="store_false",
                    help="GPU: plain kernel launches (default: programmatic dependent launch on sm_90+)")
     r.add_argument("--inductor-pdl", action="store_true",
@@ -127,6 +130,16 @@ def _measure(model, args: argparse.Namespace, device) -> dict[str, Any]:
     return r
 
 
+def _install_attention(model, args: argparse.Namespace, device) -> int:
+    """Our decode attention on ``model`` (both models get it, so the speedup is the compression's);
+    returns the number of attention modules that run it."""
+    from compress.kernels import attention
+
+    if device.type != "cuda" or not args.decode_attention:
+        return 0
+    return attention.install(model, pdl=args.pdl)
+
+
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("batch", "prompt", "generate", "repeats"):
         if getattr(args, name) <= 0:
@@ -169,6 +182,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             result["kernels"] = report.counts()
             result["fused_groups"] = len(report.fused)
             result["fused_blocks"] = report.fused_blocks
+            result["decode_attention"] = _install_attention(model, args, device)
             if device.type == "cuda" and args.tune and args.batch <= 16 and (
                     {"cuda", "triton"} & set(report.layers.values())):
                 from compress.kernels import tune_triton
@@ -197,6 +211,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             path = args.baseline if (quantized and args.baseline) else str(folder)
             base_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
             result["baseline"] = path
+        result["baseline_decode_attention"] = _install_attention(base_model, args, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         base = _measure(base_model, args, device)

@@ -67,3 +67,23 @@ def w4a16_fused(x: torch.Tensor, handle: int, out_features: int,
 @w4a16_fused.register_fake
 def _(x: torch.Tensor, handle: int, out_features: int, residual: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("compress::decode_attention", mutates_args=())
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float, handle: int) -> torch.Tensor:
+    """One decode step's attention by the ``decode_attention.DecodeAttention`` registered as
+    ``handle``: [B, 1, H, D]. Its per-head counters are written and left at zero by the kernel, a
+    scratch it owns, so the op declares no mutation."""
+    da = _WEIGHTS.get(handle)
+    if da is None:
+        raise RuntimeError(f"compress::decode_attention: attention {handle} no longer exists "
+                           "(re-run install and recompile)")
+    return da.run(query, key, value, mask, scaling)
+
+
+@decode_attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+      scaling: float, handle: int) -> torch.Tensor:
+    b, h, _, d = query.shape
+    return query.new_empty((b, 1, h, d))

@@ -1,0 +1,411 @@
+"""Decode attention on the GPU: one query token per sequence over the KV cache, split over the cache.
+
+Why: in a compiled decode step of a Llama-7B-shaped model, attention over a 193-slot static cache
+took about 10 us per layer (cuDNN's SDPA kernel 7.6 us plus glue; docs/kernels.md), a sixth of the
+INT4 step, and the same in fp16. A query of one token reads each head's keys and values once
+(193 x 128 x 2 x 2 bytes = 99 KB per head); 32 heads on 132 multiprocessors leave most of the GPU
+idle unless the cache is split. Here each block takes one (sequence, head) and a slice of the
+cache positions, keeps an online softmax (running max, sum and weighted values) over its slice,
+and writes that partial; the last block of a head to finish (an atomic counter per head that
+wraps back to zero, so no reset launch is needed) combines the partials and writes the output.
+One launch, with programmatic dependent launch so that the next kernel (o_proj) starts early.
+
+``install(model)`` registers this as a transformers attention implementation ("compress_decode")
+for the model: decode calls it takes (one query token, fp16/bf16 on CUDA, head dim 64/128/256, a
+boolean or additive mask, no dropout, softcap or sinks) run the kernel; everything else (prefill,
+CPU, other dtypes) runs transformers' SDPA function unchanged. Masked positions are skipped in the
+sums, but their keys are still read (as SDPA reads a static cache's unfilled slots).
+
+Numerics: scores, softmax and the weighted sum in float32 (exp2 of log2-scaled scores), one rounding
+of the output to the activation dtype, as SDPA's kernels do; the tests bound the error against a
+float32 reference by a multiple of SDPA's own.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.kernels.cuda_launch import Launcher, pdl_supported
+
+NAME = "compress_decode"  # the transformers attention implementation ``install`` registers
+HEAD_DIMS = (64, 128, 256)
+MAX_SPLITS = 256  # as in the source
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+struct __align__(8) V2 { u32 a, b; };
+struct __align__(16) V4 { u32 a, b, c, d; };
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define GRID_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define GRID_WAIT()
+#define GRID_LAUNCH()
+#endif
+
+#define EPL (HD / 32)   /* elements of a head vector per lane */
+#define MAX_SPLITS 256  /* slices per head the combine takes (split() keeps to it) */
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float h2f(u32 h16) {
+  float f;
+#if BF16
+  f = __uint_as_float(h16 << 16);
+#else
+  asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h16));
+#endif
+  return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+  u16 h;
+#if BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x; ex2.approx(-inf) = +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float ldcg(const float* p) {  // load from L2 (not a stale L1 line)
+  float f;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(f) : "l"(p));
+  return f;
+}
+
+// EPL consecutive 16-bit elements of a row, one vector load.
+struct Row { u32 w[EPL / 2]; };
+__device__ __forceinline__ Row ld_row(const u16* p) {
+  Row r;
+#if EPL == 2
+  r.w[0] = *reinterpret_cast<const u32*>(p);
+#elif EPL == 4
+  const V2 t = *reinterpret_cast<const V2*>(p); r.w[0] = t.a; r.w[1] = t.b;
+#else
+  const V4 t = *reinterpret_cast<const V4*>(p); r.w[0] = t.a; r.w[1] = t.b; r.w[2] = t.c; r.w[3] = t.d;
+#endif
+  return r;
+}
+
+__device__ __forceinline__ float elem(const Row& r, int e) {
+  return h2f(e & 1 ? r.w[e >> 1] >> 16 : r.w[e >> 1] & 0xFFFFu);
+}
+
+// grid (splits, B * H), WARPS warps; block (s, bh) covers cache positions [s * P, min(L, s * P + P)).
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+decode_attn(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+            const void* __restrict__ mask, u16* __restrict__ out, float* __restrict__ ws,
+            unsigned* __restrict__ counters, int H, int group, int L, int P,
+            int sqb, int sqh, int skb, int skh, int skl, int svb, int svh, int svl,
+            int smb, int smh, int sml, float scale_log2) {
+  const int s = blockIdx.x, S = gridDim.x, bh = blockIdx.y;
+  const int b = bh / H, h = bh - b * H, hk = h / group;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  GRID_WAIT();    // q and the cache were written by the kernels just before
+  GRID_LAUNCH();
+  float qf[EPL];
+  {
+    const Row r = ld_row(q + (size_t)b * sqb + (size_t)h * sqh + lane * EPL);
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) qf[e] = elem(r, e) * scale_log2;
+  }
+  const u16* kb = k + (size_t)b * skb + (size_t)hk * skh + lane * EPL;
+  const u16* vb = v + (size_t)b * svb + (size_t)hk * svh + lane * EPL;
+  const int p0 = s * P, p1 = min(L, p0 + P);
+  float m = NEG_INF, l = 0.f, acc[EPL];
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) acc[e] = 0.f;
+  for (int base = p0 + warp * T; base < p1; base += WARPS * T) {
+    Row kr[T], vr[T];
+    float sc[T];
+    bool ok[T];
+    // all loads of the step first (one memory latency for T rows of K and V and their mask bits)
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      const int p = base + t;
+      ok[t] = p < p1;
+      if (ok[t]) {
+        kr[t] = ld_row(kb + (size_t)p * skl);
+        vr[t] = ld_row(vb + (size_t)p * svl);
+      }
+      sc[t] = 0.f;
+#if MASK == 1
+      if (ok[t]) ok[t] = reinterpret_cast<const unsigned char*>(mask)[(size_t)b * smb + (size_t)h * smh + (size_t)p * sml] != 0;
+#elif MASK == 2
+      if (ok[t]) sc[t] = reinterpret_cast<const float*>(mask)[(size_t)b * smb + (size_t)h * smh + (size_t)p * sml] * 1.4426950408889634f;
+#endif
+    }
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      float d = 0.f;
+      if (ok[t]) {
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) d = fmaf(qf[e], elem(kr[t], e), d);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xFFFFFFFFu, d, o);
+      sc[t] = ok[t] ? d + sc[t] : NEG_INF;
+    }
+    float mn = m;
+#pragma unroll
+    for (int t = 0; t < T; ++t) mn = fmaxf(mn, sc[t]);
+    if (mn == NEG_INF) continue;  // nothing unmasked yet (uniform across the warp)
+    const float corr = ex2(m - mn);  // 0 while m is -inf
+    l *= corr;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) acc[e] *= corr;
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      if (!ok[t] || sc[t] == NEG_INF) continue;  // a masked slot's values may be anything: never used
+      const float pt = ex2(sc[t] - mn);
+      l += pt;
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) acc[e] = fmaf(pt, elem(vr[t], e), acc[e]);
+    }
+    m = mn;
+  }
+  // the block's warps -> one partial (max, sum, weighted values) for this slice
+  __shared__ float sm_m[WARPS], sm_l[WARPS], sm_acc[WARPS][HD];
+  __shared__ int sm_last;
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) sm_acc[warp][lane * EPL + e] = acc[e];
+  if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
+  __syncthreads();
+  float M = NEG_INF;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) M = fmaxf(M, sm_m[w]);
+  float Lsum = 0.f, f[WARPS];
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) { f[w] = M == NEG_INF ? 0.f : ex2(sm_m[w] - M); Lsum += sm_l[w] * f[w]; }
+  u16* o = out + (size_t)bh * HD;
+  if (S == 1) {
+    for (int d = threadIdx.x; d < HD; d += WARPS * 32) {
+      float a = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) a += sm_acc[w][d] * f[w];
+      o[d] = f2h(Lsum > 0.f ? a / Lsum : 0.f);
+    }
+    return;
+  }
+  float* part = ws + ((size_t)bh * S + s) * (HD + 2);
+  for (int d = threadIdx.x; d < HD; d += WARPS * 32) {
+    float a = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) a += sm_acc[w][d] * f[w];
+    part[2 + d] = a;
+  }
+  if (threadIdx.x == 0) { part[0] = M; part[1] = Lsum; }
+  __threadfence();  // this block's partial is visible before its arrival is counted
+  __syncthreads();
+  if (threadIdx.x == 0) sm_last = atomicInc(counters + bh, S - 1) == (unsigned)(S - 1);  // wraps to 0
+  __syncthreads();
+  if (!sm_last) return;
+  __threadfence();
+  // The last block of this head combines the S partials (L2 loads: other blocks wrote them). All
+  // maxima and sums are loaded at once, into shared memory, then each thread's S values per column.
+  const float* wsh = ws + (size_t)bh * S * (HD + 2);
+  __shared__ float sm_f[MAX_SPLITS], sm_s[MAX_SPLITS];
+  for (int i = threadIdx.x; i < S; i += WARPS * 32) {
+    sm_f[i] = ldcg(wsh + (size_t)i * (HD + 2));
+    sm_s[i] = ldcg(wsh + (size_t)i * (HD + 2) + 1);
+  }
+  __syncthreads();
+  M = NEG_INF;
+  for (int i = 0; i < S; ++i) M = fmaxf(M, sm_f[i]);
+  Lsum = 0.f;
+  for (int i = 0; i < S; ++i) Lsum += sm_f[i] == NEG_INF ? 0.f : sm_s[i] * ex2(sm_f[i] - M);
+  for (int d = threadIdx.x; d < HD; d += WARPS * 32) {
+    float a = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < S; ++i)
+      if (sm_f[i] != NEG_INF) a += ldcg(wsh + (size_t)i * (HD + 2) + 2 + d) * ex2(sm_f[i] - M);
+    o[d] = f2h(Lsum > 0.f ? a / Lsum : 0.f);
+  }
+}
+"""
+
+
+@dataclass(frozen=True)
+class Config:
+    """``warps`` per block; ``t``: cache positions each warp loads per step; ``blocks_per_sm``: the
+    grid's target size, which sets how many slices the cache is split into."""
+    warps: int = 4
+    t: int = 4
+    blocks_per_sm: float = 2.0
+
+
+SHORT = Config(16, 8, 0.0)  # up to SHORT_MAX positions: one block per head, 128 positions per step
+LONG = Config(8, 4, 2.0)
+SHORT_MAX = 256
+
+
+def choose_config(length: int) -> Config:
+    """The config for ``length`` cache positions, from ``bench/decode_attention.py`` on an H100
+    (docs/kernels.md): one block per head while the cache is short (no combine step: 5.3 us against
+    6.0-7.9 split at 193 positions), else 8 warps of 4 positions per step and about 2 blocks per
+    multiprocessor (within 6% of the best config at 1024 and 4096 positions)."""
+    return SHORT if length <= SHORT_MAX else LONG
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_index: int, head_dim: int, bf16: bool, mask_kind: int, warps: int, t: int) -> Any:
+    defines = {"HD": head_dim, "BF16": int(bf16), "MASK": mask_kind, "WARPS": warps, "T": t}
+    src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+    with torch.cuda.device(device_index):
+        return torch.cuda._compile_kernel(src, "decode_attn")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split(length: int, heads: int, sms: int, cfg: Config) -> tuple[int, int]:
+    """(slices, positions per slice) for ``heads`` (sequences x heads) over ``length`` positions:
+    about ``cfg.blocks_per_sm`` blocks per multiprocessor, slices a multiple of one step of the
+    block's warps (``blocks_per_sm`` 0: one slice)."""
+    step = cfg.warps * cfg.t
+    want = max(1, math.ceil(cfg.blocks_per_sm * sms / heads))
+    per = max(step, math.ceil(math.ceil(length / want) / step) * step)
+    per = max(per, math.ceil(math.ceil(length / MAX_SPLITS) / step) * step)
+    return math.ceil(length / per), per
+
+
+def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       mask: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot take this call (None when it can)."""
+    if not query.is_cuda:
+        return "not on a CUDA device"
+    if query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtype {query.dtype} (fp16/bf16 query, keys and values)"
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+        return "query/key/value are not [batch, heads, positions, head_dim] with equal key and value shapes"
+    b, h, n, d = query.shape
+    if n != 1:
+        return f"{n} query positions (decode only: one)"
+    if d not in HEAD_DIMS or key.shape[-1] != d:
+        return f"head dim {d} (one of {HEAD_DIMS})"
+    if key.shape[0] != b or h % key.shape[1]:
+        return f"key heads {key.shape[1]} do not divide query heads {h}"
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return "needs compute capability >= 8.0"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)"
+    if mask is not None:
+        if mask.dim() != 4 or mask.shape[-1] != key.shape[2] or mask.shape[-2] != 1 or mask.shape[0] not in (1, b) \
+                or mask.shape[1] not in (1, h):
+            return f"mask shape {tuple(mask.shape)} (needs [1 or batch, 1 or heads, 1, {key.shape[2]}])"
+        if mask.device != query.device:
+            return "mask on another device"
+    big = max(t.numel() for t in (query, key, value))
+    if big >= 2**31:
+        return "tensors of 2^31 elements or more (32-bit offsets)"
+    return None
+
+
+def _rows(t: torch.Tensor, vec: int) -> torch.Tensor:
+    """``t`` with unit last stride and every row start aligned to ``vec`` elements (vector loads)."""
+    if t.stride(-1) != 1 or t.data_ptr() % (2 * vec) or any(s % vec for s in t.stride()[:-1]):
+        return t.contiguous()
+    return t
+
+
+class DecodeAttention:
+    """What ``install`` keeps on a model: the per-head arrival counters (zeros between launches),
+    the launchers built so far and the config (None: ``choose_config`` per call). ``pdl``:
+    programmatic dependent launch (sm_90+)."""
+
+    def __init__(self, cfg: Config | None = None, pdl: bool = True):
+        self.cfg = cfg
+        self.pdl = pdl
+        self.counters: dict[torch.device, torch.Tensor] = {}
+        self.launchers: dict[tuple, Launcher] = {}
+        from compress.kernels import ops
+
+        self.handle = ops.register(self)  # for torch.compile (ops.decode_attention)
+
+    def counter(self, device: torch.device, n: int) -> torch.Tensor | None:
+        """``n`` zeroed counters on ``device`` (None when they would have to be allocated during a
+        CUDA graph capture: the call then runs unsplit, which needs none)."""
+        c = self.counters.get(device)
+        if c is None or c.numel() < n:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            c = self.counters[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        return c
+
+    def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+            scaling: float) -> torch.Tensor:
+        """The kernel where ``unsupported_reason`` allows, else SDPA (same layout)."""
+        if unsupported_reason(query, key, value, mask) is None:
+            return self(query, key, value, mask, scaling)
+        g = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(query.dtype)
+        return nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling).transpose(1, 2)
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                 scaling: float, cfg: Config | None = None) -> torch.Tensor:
+        """softmax(q k^T * scaling + mask) v for one query position: [B, 1, H, D] (transformers'
+        layout after attention). ``mask``: bool (True = attend) or additive, broadcastable as
+        ``unsupported_reason`` says. The caller has checked ``unsupported_reason``."""
+        b, h, _, d = query.shape
+        hk, length = key.shape[1], key.shape[2]
+        cfg = cfg or self.cfg or choose_config(length)
+        vec = d // 32
+        q, k, v = _rows(query, vec), _rows(key, vec), _rows(value, vec)
+        kind = 0
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                kind = 1
+            else:
+                kind, mask = 2, mask.float()
+        dev = query.device
+        slices, per = split(length, b * h, _sm_count(dev.index), cfg)
+        counters = self.counter(dev, b * h) if slices > 1 else None
+        if slices > 1 and counters is None:
+            slices, per = 1, length
+        out = torch.empty(b, 1, h, d, device=dev, dtype=query.dtype)
+        ws = torch.empty(b * h * slices * (d + 2) if slices > 1 else 1, device=dev, dtype=torch.float32)
+        bf16 = query.dtype == torch.bfloat16
+        pdl = self.pdl and pdl_supported(dev)
+        key_ = (dev.index, d, bf16, kind, cfg.warps, cfg.t, slices, b * h, pdl)
+        ms = (0, 0, 0) if mask is None else tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in (0, 1, 3))
+        args = [q, k, v, mask, out, ws, counters, h, h // hk, length, per,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), *ms, scaling * 1.4426950408889634]
+        run = self.launchers.get(key_)
+        if run is None:  # the argument array is built once per launch shape; later calls rewrite it
+            kern = _kernel(dev.index, d, bf16, kind, cfg.warps, cfg.t)
+            run = self.launchers[key_] = Launcher(kern, (slices, b * h), 32 * cfg.warps, args, pdl)
+        else:
+            for i, a in enumerate(args):
+                run.set(i, a.data_ptr() if isinstance(a, torch.Tensor) else 0 if a is None else a)
+        run(torch.cuda.current_stream(dev).cuda_stream)
+        return out
+
+
+def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+              scaling: float) -> torch.Tensor:
+    """The same function in float32 ([B, 1, H, D]), for tests."""
+    g = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(g, dim=1)
+    v = value.float().repeat_interleave(g, dim=1)
+    s = (query.float() @ k.transpose(-1, -2)) * scaling
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    return (s.softmax(-1) @ v).transpose(1, 2)
