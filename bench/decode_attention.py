@@ -22,16 +22,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = ["4,4,2", "8,4,2", "4,4,1", "8,8,1", "16,8,1", "8,8,0.01", "16,8,0.01", "8,16,0.01", "16,16,0.01"]  # warps, positions per warp step, blocks per SM
+# warps, positions per warp step, blocks per SM (0: one per head), cluster (thread blocks per head)
+CONFIGS = ["8,4,2", "16,8,0", "16,8,0,2", "8,8,0,4", "8,4,0,4", "4,8,0,8", "8,4,0,8", "4,4,0,8", "8,8,0,8"]
+
+
+def _label(c) -> str:
+    return f"{c.warps}:{c.t}:{c.blocks_per_sm:g}" + (f":{c.cluster}" if c.cluster else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kv", type=int, nargs="+", default=[193, 1024, 4096], help="cache positions")
+    ap.add_argument("--kv", type=int, nargs="+", default=[193, 512, 1024, 4096], help="cache positions")
     ap.add_argument("--shapes", default="1x32x32x128,1x32x8x128,8x32x8x128",
                     help="comma list of BATCHxHEADSxKV_HEADSxHEAD_DIM")
     ap.add_argument("--configs", default=",".join(c.replace(",", ":") for c in CONFIGS),
-                    help="comma list of WARPS:T:BLOCKS_PER_SM for our kernel (0.01: one block per head)")
+                    help="comma list of WARPS:T:BLOCKS_PER_SM[:CLUSTER] for our kernel (blocks per SM 0: one block per head)")
     ap.add_argument("--filled", type=float, default=1.0, help="fraction of the cache slots unmasked")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -45,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cfgs = []
     for c in args.configs.split(","):
-        w, t, bps = c.split(":")
-        cfgs.append(Config(int(w), int(t), float(bps)))
+        w, t, bps, *cl = c.split(":")
+        cfgs.append(Config(int(w), int(t), float(bps), int(cl[0]) if cl else 0))
     backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "default": None}
     rows = []
     print(f"{'shape':>14} {'kv':>5} " + " ".join(f"{k:>9}" for k in backends) + " "
-          + " ".join(f"{'%d:%d:%g' % (c.warps, c.t, c.blocks_per_sm):>9}" for c in cfgs)
+          + " ".join(f"{_label(c):>10}" for c in cfgs)
           + "  best GB/s  err/sdpa_err   (us per call)", flush=True)
     torch.manual_seed(0)
     for shape in args.shapes.split(","):
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["us"][f"sdpa_{name}"] = None
             da = DecodeAttention()
             for c in cfgs:
-                row["us"][f"ours_{c.warps}:{c.t}:{c.blocks_per_sm:g}"] = 1e3 * graph_time_ms(
+                row["us"][f"ours_{_label(c)}"] = 1e3 * graph_time_ms(
                     [lambda c=c: da(q, k, v, mask, scale, c)])
             want = reference(q, k, v, mask, scale)
             got = da(q, k, v, mask, scale)
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             row["best_gb_s"] = 2 * b * hk * filled * d * 2 / (ours[best] * 1e-6) / 1e9
             rows.append(row)
             cells = [f"{row['us'][f'sdpa_{n}']:9.2f}" if row["us"][f"sdpa_{n}"] is not None else f"{'n/a':>9}"
-                     for n in backends] + [f"{t:9.2f}" for t in ours.values()]
+                     for n in backends] + [f"{t:10.2f}" for t in ours.values()]
             print(f"{shape:>14} {kv:>5} " + " ".join(cells) + f"  {row['best_gb_s']:8.0f}  "
                   f"{row['rel_err']:.1e}/{row['sdpa_rel_err']:.1e}", flush=True)
     if args.out:

@@ -174,8 +174,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
 
         cfg = None
         if args.attn_config:
-            w, t, bps = args.attn_config.split(":")
-            cfg = Config(int(w), int(t), float(bps))
+            w, t, bps, *cl = args.attn_config.split(":")
+            cfg = Config(int(w), int(t), float(bps), int(cl[0]) if cl else 0)
         out["attention_modules"] = attention.install(model, config=cfg)
         out["attn_config"] = "choose_config" if cfg is None else cfg.__dict__
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="gpu: transformers attention implementation (both models; default: sdpa); compress: "
                          "our decode attention kernel (compress.kernels.attention), SDPA for prefill")
     ap.add_argument("--attn-config", default=None,
-                    help="gpu, --attn compress: WARPS:T:BLOCKS_PER_SM (decode_attention.Config; default: choose_config by cache length)")
+                    help="gpu, --attn compress: WARPS:T:BLOCKS_PER_SM[:CLUSTER] (decode_attention.Config; default: choose_config by cache length)")
     ap.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn", "math"],
                     help="gpu: attention backend for both models (default: torch's choice)")
     ap.add_argument("--profile", action="store_true",

@@ -60,7 +60,7 @@ def test_saved_config_does_not_name_our_attention(tmp_path):
 
 @pytest.mark.parametrize("length,heads", [(1, 32), (193, 32), (193, 4), (4096, 32), (100, 1024), (10**6, 8)])
 def test_split_covers_the_cache_in_whole_steps(length, heads):
-    cfg = decode_attention.choose_config(length)
+    cfg = decode_attention.choose_config(length, heads, 132, clusters=False)
     slices, per = split(length, heads, 132, cfg)
     assert per % (cfg.warps * cfg.t) == 0
     assert slices * per >= length > (slices - 1) * per
@@ -127,7 +127,8 @@ def _inputs(b, h, hk, length, d, dtype, mask_kind, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
 @pytest.mark.parametrize("case", GPU_CASES)
-@pytest.mark.parametrize("cfg", [None, decode_attention.Config(8, 8, 0.1), decode_attention.Config(2, 4, 8.0)])
+@pytest.mark.parametrize("cfg", [None, decode_attention.Config(8, 8, 0.1), decode_attention.Config(2, 4, 8.0),
+                                 decode_attention.Config(8, 4, 0, 4), decode_attention.Config(4, 4, 0, 8)])
 def test_kernel_matches_float32_reference(case, mask_kind, dtype, cfg):
     b, h, hk, length, d = case
     q, k, v, mask = _inputs(b, h, hk, length, d, dtype, mask_kind)
@@ -173,3 +174,13 @@ def test_tiny_llama_decodes_the_same_tokens_eager_graph_and_compiled():
     r = time_generation(model, 16, 8, 1, mode="compile", repeats=1, warmup=1)
     torch._dynamo.reset()
     assert r["tokens_match_eager"]
+
+
+@pytest.mark.parametrize("length", [1, 193, 4096])
+def test_cluster_configs_split_into_exactly_their_cluster(length):
+    assert decode_attention.choose_config(193, 32).cluster == 4  # short cache, few heads: clusters
+    assert decode_attention.choose_config(193, 256).cluster == 0  # the grid is full without them
+    assert decode_attention.choose_config(193, 32, clusters=False).cluster == 0  # before sm_90
+    cfg = decode_attention.Config(8, 4, 0, 4)
+    slices, per = split(length, 32, 132, cfg)
+    assert slices == 4 and per % 32 == 0 and slices * per >= length

@@ -86,6 +86,30 @@ __device__ __forceinline__ float ldcg(const float* p) {  // load from L2 (not a 
   return f;
 }
 
+#if CLUSTER
+// Thread block clusters (sm_90): the CLUSTER blocks of a head share their partials through
+// distributed shared memory instead of global memory and an arrival counter.
+__device__ __forceinline__ void cluster_sync() {  // every thread of every block of the cluster
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {  // *p in block `rank`'s shared memory
+  u32 a, ra;
+  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(ra) : "memory");
+  return v;
+}
+#define CLUSTER_DIMS __cluster_dims__(CLUSTER, 1, 1)
+#else
+#define CLUSTER_DIMS
+#endif
+
 // EPL consecutive 16-bit elements of a row, one vector load.
 struct Row { u32 w[EPL / 2]; };
 __device__ __forceinline__ Row ld_row(const u16* p) {
@@ -105,7 +129,7 @@ __device__ __forceinline__ float elem(const Row& r, int e) {
 }
 
 // grid (splits, B * H), WARPS warps; block (s, bh) covers cache positions [s * P, min(L, s * P + P)).
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(WARPS * 32)
 decode_attn(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
             const void* __restrict__ mask, u16* __restrict__ out, float* __restrict__ ws,
             unsigned* __restrict__ counters, int H, int group, int L, int P,
@@ -191,6 +215,39 @@ decode_attn(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
 #pragma unroll
   for (int w = 0; w < WARPS; ++w) { f[w] = M == NEG_INF ? 0.f : ex2(sm_m[w] - M); Lsum += sm_l[w] * f[w]; }
   u16* o = out + (size_t)bh * HD;
+#if CLUSTER
+  // The block's partial into its shared memory; then rank r combines the cluster's partials for
+  // columns [r HD / CLUSTER, (r + 1) HD / CLUSTER) of the output.
+  __shared__ float cl_ml[2], cl_acc[HD];
+  for (int d = threadIdx.x; d < HD; d += WARPS * 32) {
+    float a = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) a += sm_acc[w][d] * f[w];
+    cl_acc[d] = a;
+  }
+  if (threadIdx.x == 0) { cl_ml[0] = M; cl_ml[1] = Lsum; }
+  cluster_sync();
+  {
+    const u32 rank = cluster_rank();
+    float mr[CLUSTER], fr[CLUSTER], Mc = NEG_INF, Lc = 0.f;
+#pragma unroll
+    for (int r = 0; r < CLUSTER; ++r) { mr[r] = ld_cluster(&cl_ml[0], r); Mc = fmaxf(Mc, mr[r]); }
+#pragma unroll
+    for (int r = 0; r < CLUSTER; ++r) {
+      fr[r] = mr[r] == NEG_INF ? 0.f : ex2(mr[r] - Mc);
+      Lc += fr[r] == 0.f ? 0.f : ld_cluster(&cl_ml[1], r) * fr[r];
+    }
+    constexpr int DC = HD / CLUSTER;
+    for (int d = rank * DC + threadIdx.x; d < (rank + 1) * DC; d += WARPS * 32) {
+      float a = 0.f;
+#pragma unroll
+      for (int r = 0; r < CLUSTER; ++r) a += fr[r] == 0.f ? 0.f : ld_cluster(&cl_acc[d], r) * fr[r];
+      o[d] = f2h(Lc > 0.f ? a / Lc : 0.f);
+    }
+  }
+  cluster_sync();  // no block leaves while another may still read its shared memory
+  return;
+#endif
   if (S == 1) {
     for (int d = threadIdx.x; d < HD; d += WARPS * 32) {
       float a = 0.f;
@@ -245,24 +302,35 @@ class Config:
     warps: int = 4
     t: int = 4
     blocks_per_sm: float = 2.0
+    cluster: int = 0  # > 0: exactly this many slices, one thread block cluster (sm_90) per head
 
 
-SHORT = Config(16, 8, 0.0)  # up to SHORT_MAX positions: one block per head, 128 positions per step
+SHORT = Config(16, 8, 0.0)  # one block per head, 128 positions per step
+SHORT_CLUSTER = Config(8, 8, 0.0, 4)  # 4 blocks per head, one 64-position step each up to 256 positions
 LONG = Config(8, 4, 2.0)
-SHORT_MAX = 256
+LONG_CLUSTER = Config(8, 8, 0.0, 8)
+SHORT_MAX = 256  # cache positions
+LONG_MIN = 2048
 
 
-def choose_config(length: int) -> Config:
-    """The config for ``length`` cache positions, from ``bench/decode_attention.py`` on an H100
-    (docs/kernels.md): one block per head while the cache is short (no combine step: 5.3 us against
-    6.0-7.9 split at 193 positions), else 8 warps of 4 positions per step and about 2 blocks per
-    multiprocessor (within 6% of the best config at 1024 and 4096 positions)."""
-    return SHORT if length <= SHORT_MAX else LONG
+def choose_config(length: int, heads: int = 32, sms: int = 132, clusters: bool = True) -> Config:
+    """The config for ``length`` cache positions and ``heads`` (sequences x heads), from
+    ``bench/decode_attention.py`` on an H100 (docs/kernels.md). Short caches: a cluster of 4 blocks
+    per head while the grid stays within 1.5 blocks per multiprocessor (4.9 us at 193 positions
+    and 32 heads, against 5.3 for one block per head and 10.7 for cuDNN), else one block per head
+    (no combine step); middle lengths: about 2 blocks per multiprocessor with the counter combine;
+    long caches and few heads: a cluster of 8. ``clusters``: thread block clusters available (sm_90)."""
+    if length <= SHORT_MAX:
+        return SHORT_CLUSTER if clusters and heads * SHORT_CLUSTER.cluster <= 1.5 * sms else SHORT
+    if length >= LONG_MIN and clusters and heads * LONG_CLUSTER.cluster <= 2 * sms:
+        return LONG_CLUSTER
+    return LONG
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(device_index: int, head_dim: int, bf16: bool, mask_kind: int, warps: int, t: int) -> Any:
-    defines = {"HD": head_dim, "BF16": int(bf16), "MASK": mask_kind, "WARPS": warps, "T": t}
+def _kernel(device_index: int, head_dim: int, bf16: bool, mask_kind: int, warps: int, t: int,
+            cluster: int = 0) -> Any:
+    defines = {"HD": head_dim, "BF16": int(bf16), "MASK": mask_kind, "WARPS": warps, "T": t, "CLUSTER": cluster}
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(device_index):
         return torch.cuda._compile_kernel(src, "decode_attn")
@@ -278,6 +346,8 @@ def split(length: int, heads: int, sms: int, cfg: Config) -> tuple[int, int]:
     about ``cfg.blocks_per_sm`` blocks per multiprocessor, slices a multiple of one step of the
     block's warps (``blocks_per_sm`` 0: one slice)."""
     step = cfg.warps * cfg.t
+    if cfg.cluster:
+        return cfg.cluster, max(step, math.ceil(math.ceil(length / cfg.cluster) / step) * step)
     want = max(1, math.ceil(cfg.blocks_per_sm * sms / heads))
     per = max(step, math.ceil(math.ceil(length / want) / step) * step)
     per = max(per, math.ceil(math.ceil(length / MAX_SPLITS) / step) * step)
@@ -365,7 +435,10 @@ class DecodeAttention:
         ``unsupported_reason`` says. The caller has checked ``unsupported_reason``."""
         b, h, _, d = query.shape
         hk, length = key.shape[1], key.shape[2]
-        cfg = cfg or self.cfg or choose_config(length)
+        sm90 = torch.cuda.get_device_capability(query.device) >= (9, 0)  # thread block clusters
+        cfg = cfg or self.cfg or choose_config(length, b * h, _sm_count(query.device.index), sm90)
+        if cfg.cluster and not sm90:
+            cfg = LONG
         vec = d // 32
         q, k, v = _rows(query, vec), _rows(key, vec), _rows(value, vec)
         kind = 0
@@ -376,21 +449,22 @@ class DecodeAttention:
                 kind, mask = 2, mask.float()
         dev = query.device
         slices, per = split(length, b * h, _sm_count(dev.index), cfg)
-        counters = self.counter(dev, b * h) if slices > 1 else None
-        if slices > 1 and counters is None:
+        counters = self.counter(dev, b * h) if slices > 1 and not cfg.cluster else None
+        if slices > 1 and counters is None and not cfg.cluster:
             slices, per = 1, length
         out = torch.empty(b, 1, h, d, device=dev, dtype=query.dtype)
-        ws = torch.empty(b * h * slices * (d + 2) if slices > 1 else 1, device=dev, dtype=torch.float32)
+        ws = torch.empty(b * h * slices * (d + 2) if slices > 1 and not cfg.cluster else 1, device=dev,
+                         dtype=torch.float32)
         bf16 = query.dtype == torch.bfloat16
         pdl = self.pdl and pdl_supported(dev)
-        key_ = (dev.index, d, bf16, kind, cfg.warps, cfg.t, slices, b * h, pdl)
+        key_ = (dev.index, d, bf16, kind, cfg.warps, cfg.t, cfg.cluster, slices, b * h, pdl)
         ms = (0, 0, 0) if mask is None else tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in (0, 1, 3))
         args = [q, k, v, mask, out, ws, counters, h, h // hk, length, per,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), *ms, scaling * 1.4426950408889634]
         run = self.launchers.get(key_)
         if run is None:  # the argument array is built once per launch shape; later calls rewrite it
-            kern = _kernel(dev.index, d, bf16, kind, cfg.warps, cfg.t)
+            kern = _kernel(dev.index, d, bf16, kind, cfg.warps, cfg.t, cfg.cluster)
             run = self.launchers[key_] = Launcher(kern, (slices, b * h), 32 * cfg.warps, args, pdl)
         else:
             for i, a in enumerate(args):
