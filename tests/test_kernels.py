@@ -558,6 +558,7 @@ def test_bench_json_contract_on_tiny_checkpoint(tmp_path, capsys):
         assert out[key] > 0, key
     assert out["kernels"] == {"cpu-int4": 14}
     assert out["cpu_prefill"] == "auto"
+    assert out["decode_attention"] == out["baseline_decode_attention"] == 0  # a CUDA kernel: not on the CPU
     assert json.loads((tmp_path / "r.json").read_text())["prompt"] == 8
     with pytest.raises(SystemExit):  # argparse names the allowed values
         parser.parse_args(["bench", str(tmp_path / "ck"), "--cpu-prefill", "fp16"])
