@@ -481,3 +481,70 @@ def test_thread_clock_refuses_several_threads(monkeypatch):
     with pytest.raises(CompressError, match="set_num_threads"):
         measure_latency(model, prompt=4, generate=2, repeats=1, warmup=0, clock="thread")
 
+
+
+# --- implementation: compress (our runtime: roofline_compress) -------------------------------
+def _compress_device(tmp_path, w4a16=(5e-6, 0.5), attn=(7e-6, 0.25)):
+    """A GPU with per-kernel 1 us, per-GEMM 2 us and terms for our two kernels (fixed s, bandwidth fraction)."""
+    path = _gpu_device(tmp_path, "cgpu", per_kernel=1e-6, per_gemm=2e-6)
+    dev = yaml.safe_load(open(path).read())
+    q = lambda v: {"value": v, "source": "unit test"}  # noqa: E731
+    dev["overhead"]["by_kernel"] = {"w4a16": q(w4a16[0]), "decode_attention": q(attn[0])}
+    dev["achievable"]["by_op"] = {"w4a16": q(w4a16[1]), "decode_attention": q(attn[1])}
+    open(path, "w").write(yaml.safe_dump(dev))
+    return path
+
+
+def test_compress_runtime_decode_runs_four_w4a16_launches_and_our_attention_per_block(tmp_path):
+    dev = _compress_device(tmp_path)
+    spec = {"device": dev, "prompt": 8, "generate": 4, "implementation": "compress"}
+    comp = {"weight_bits": 4, "group_size": 32}
+    r = estimate(TINY, spec, compression=comp)
+    rows = _rows(r.decode)
+    # per block: q/k/v and gate/up stacked; norms, SiLU*up and residual adds inside the launches
+    assert rows["qkv_proj"].kernels == rows["gate_up_proj"].kernels == pytest.approx(L)
+    assert rows["o_proj"].kernels == rows["down_proj"].kernels == pytest.approx(L)
+    for fused_away in ("attn_norm", "mlp_norm", "mlp_act", "attn_residual", "mlp_residual"):
+        assert rows[fused_away].kernels == 0 and rows[fused_away].act_bytes == 0, fused_away
+    assert "q_proj" not in rows and "gate_proj" not in rows
+    # per block: rotary, cache write (1 kernel each), 4 W4A16 launches, our attention; per forward:
+    # embedding, final norm, 2 sampling kernels, the lm_head GEMM
+    assert r.decode.kernels == pytest.approx(L * 7 + 4 + 1)
+    # fixed time: 2 us x lm_head, 1 us x (2 L + 4) kernels, 5 us x 4 L W4A16 launches, 7 us x L attention calls
+    bare = estimate(TINY, {**spec, "overhead": False}, compression=comp)
+    want = 2e-6 + (2 * L + 4) * 1e-6 + 4 * L * 5e-6 + L * 7e-6
+    assert r.decode_ms_per_token - bare.decode_ms_per_token == pytest.approx(want * 1e3)
+    # our attention reads every static-cache slot once per query head at its own fraction of 1e11 B/s
+    slots = 8 + 4  # prompt + generate: every decode step reads them all
+    att = rows["attention"]
+    assert att.kv_bytes == pytest.approx(L * HQ * slots * D * 2 * 2)
+    assert att.memory_ms == pytest.approx((att.kv_bytes + att.act_bytes) / (0.25 * 1e11) * 1e3)
+
+
+def test_compress_runtime_dense_baseline_keeps_separate_gemms_and_prefill_dequantizes(tmp_path):
+    dev = _compress_device(tmp_path)
+    spec = {"device": dev, "prompt": 64, "generate": 4, "implementation": "compress"}
+    r = estimate(TINY, spec, compression={"weight_bits": 4, "group_size": 32})
+    base = _rows(r.baseline.decode)
+    assert all(base[n].kernels == pytest.approx(L) for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    assert base["attention"].kernels == pytest.approx(L)  # our decode attention in the baseline too
+    pre = _rows(r.prefill)
+    # 64 rows > 16: each stacked group is dequantized (codes in, fp16 weights out), then multiplied densely
+    assert pre["qkv_proj_dequant"].act_bytes == pytest.approx(L * H * (HQ + 2 * HKV) * D * 2)
+    assert pre["qkv_proj"].weight_bytes == pytest.approx(L * H * (HQ + 2 * HKV) * D * 2)
+    # bytes alone (no fixed costs): the dequantized weights are written and read again, so prefill
+    # moves more than the dense model's
+    bare = estimate(TINY, {**spec, "overhead": False}, compression={"weight_bits": 4, "group_size": 32})
+    assert bare.prefill_ms > bare.baseline.prefill_ms
+
+
+def test_compress_runtime_on_the_h100_against_the_measured_7b_decode():
+    """The H100's fitted terms (kernel-only measurements) against session 7's end-to-end run
+    (bench/results/kernel_e2e_decode_h100_s7_attn_cluster.json: fp16 5.932, INT4 1.953 ms/token)."""
+    spec = {"device": "h100", "prompt": 128, "generate": 64, "implementation": "compress"}
+    r = estimate("llama-2-7b", spec, compression={"weight_bits": 4, "group_size": 128})
+    assert not r.warnings
+    assert 0.85 < r.decode_ms_per_token / 1.953 < 1.15
+    assert 0.85 < r.baseline.decode_ms_per_token / 5.932 < 1.15
+    a100 = estimate("llama-2-7b", {**spec, "device": "a100-80gb"}, compression={"weight_bits": 4})
+    assert any("no measured terms for compress" in w for w in a100.warnings)

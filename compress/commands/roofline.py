@@ -52,10 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--no-overhead", action="store_true",
                    help="leave out the device's measured fixed costs (per kernel, per matrix product, per forward, "
                         "per layer, per weight row)")
-    g.add_argument("--implementation", default="transformers", choices=["transformers", "fused"],
+    g.add_argument("--implementation", default="transformers", choices=["transformers", "fused", "compress"],
                    help="transformers: the kernel counts and memory traffic of transformers' PyTorch modules "
                         "(unfused RMSNorm, rotary, cache update, SiLU*mul); fused: one kernel per operator, each "
-                        "activation read and written once, the floor LLM-Viewer counts (default: transformers)")
+                        "activation read and written once, the floor LLM-Viewer counts; compress: compress's "
+                        "compiled runtime (accelerate + decode attention: its W4A16 kernel with q/k/v and gate/up "
+                        "stacked and norms, SiLU and residuals inside, dequantize + cuBLAS for prefill) "
+                        "(default: transformers)")
     g.add_argument("--execution", default="graph", choices=["graph", "eager"],
                    help="graph: each forward replayed from a CUDA graph (or compiled), no host cost; eager: a "
                         "forward takes at least the device's measured host time for Python and kernel launches "

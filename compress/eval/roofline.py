@@ -38,6 +38,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import CompressError, ConfigError
+from compress.eval import roofline_compress as rc
 from compress.eval.roofline_devices import Device, load_device
 from compress.eval.roofline_ops import (
     Op,
@@ -73,10 +74,12 @@ class RooflineSpec(_Strict):
     overhead: bool = Field(
         True, description="add the device's measured fixed costs (per kernel, per matrix product, per forward, "
                           "per layer, per weight row)")
-    implementation: Literal["transformers", "fused"] = Field(
+    implementation: Literal["transformers", "fused", "compress"] = Field(
         "transformers", description="transformers: the kernels and traffic of transformers' PyTorch modules "
                                     "(unfused RMSNorm, rotary, cache update, SiLU*mul); fused: one kernel per "
-                                    "operator, each activation read and written once (the floor)")
+                                    "operator, each activation read and written once (the floor); compress: "
+                                    "compress's compiled runtime with its W4A16 and decode attention kernels "
+                                    "(stacked projections, norms/activation/residuals inside the W4A16 launches)")
     execution: Literal["graph", "eager"] = Field(
         "graph", description="graph: each forward replayed from a CUDA graph (or compiled), no host cost; "
                              "eager: a forward takes at least the device's host_overhead (Python and launches)")
@@ -295,7 +298,12 @@ def _forward(shape: ModelShape, spec: RooflineSpec, new: int, ctx: int, logits_t
     m = batch * new
     phase = "prefill" if new > 1 else f"decode_{spec.kv_cache}"
     cache_len = spec.max_cache_len or spec.prompt + spec.generate
-    ops: list[tuple[Op, int]] = [(op, 1) for op in embed_ops(shape, m, a, impl, phase)]
+    if impl == "compress":  # our runtime: compiled, with our kernels (roofline_compress)
+        ops: list[tuple[Op, int]] = [(op, 1) for op in embed_ops(shape, m, a, "fused", phase)]
+        for ly, count in shape.layer_groups():
+            ops += [(op, count) for op in rc.layer_ops(shape, ly, batch, new, ctx, fmt, a, a, spec.kv_cache, cache_len)]
+        return ops + [(op, 1) for op in rc.head_ops(shape, m, batch * logits_tokens, head_fmt, a, batch)]
+    ops = [(op, 1) for op in embed_ops(shape, m, a, impl, phase)]
     for ly, count in shape.layer_groups():
         ops += [(op, count) for op in layer_ops(shape, ly, batch, new, ctx, fmt, a, a, spec.kv_cache, impl, cache_len)]
     ops += [(op, 1) for op in head_ops(shape, m, batch * logits_tokens, head_fmt, a, impl, batch)]
@@ -318,9 +326,12 @@ def _accumulate(rows: dict[str, OpRow], ops: list[tuple[Op, int]], device: Devic
     per_attention = (o.per_attention_s.value or per_kernel) if overhead else 0.0
     for op, count in ops:
         t_c = (op.flops / att if op.attention else op.matrix_flops / mm + op.vector_flops / vec) * 1e3
-        op_bw = device.op_bandwidth(op.kind) if op.unfused else bw
+        op_bw = (device.kernel_bandwidth(op.kernel) if op.kernel
+                 else device.op_bandwidth(op.kind) if op.unfused else bw)
         t_m = (op.bytes / op_bw + op.weight_rows * per_row) * 1e3
         t_f = (op.kernels * per_kernel + op.gemms * per_gemm + op.flash * per_attention) * 1e3
+        if op.kernel and overhead:
+            t_f += op.launches * device.kernel_fixed_s(op.kernel) * 1e3
         r = rows.setdefault(op.name, OpRow(op.name, 0))
         w = count * scale
         r.flops += op.flops * w
@@ -330,7 +341,7 @@ def _accumulate(rows: dict[str, OpRow], ops: list[tuple[Op, int]], device: Devic
         r.compute_ms += t_c * w
         r.memory_ms += t_m * w
         r.fixed_ms += t_f * w
-        r.kernels += (op.kernels + op.gemms + op.flash) * w
+        r.kernels += (op.kernels + op.gemms + op.flash + op.launches) * w
         r.ms += (max(t_c, t_m) + t_f) * w
 
 
@@ -372,6 +383,12 @@ def _estimate_one(shape: ModelShape, name: str, spec: RooflineSpec, device: Devi
     p, g, b = spec.prompt, spec.generate, spec.batch
     overhead = _overhead_ms(device, shape, spec.overhead)
     host = _host_ms(device, shape, spec, warnings)
+    if device.kind == "gpu" and spec.overhead and spec.implementation == "compress":
+        missing = [k for k in rc.KERNELS if not device.overhead.by_kernel.get(k) or not device.achievable.by_op.get(k)]
+        if missing:
+            warnings.append(f"{device.name} has no measured terms for compress's {', '.join(missing)} kernel(s): "
+                            "costed as cuBLAS / flash attention at the memory fraction "
+                            "(bench/fit_compress_roofline.py fits them)")
     if device.kind == "gpu" and spec.overhead and spec.implementation == "transformers" \
             and not device.overhead.per_kernel_s.value:
         warnings.append(f"{device.name} has no measured per-kernel costs: the estimate leaves out kernel launch "

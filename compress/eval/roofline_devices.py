@@ -84,7 +84,8 @@ class Achievable(_Strict):
     #: SiLU then mul, residual adds) as a fraction of nominal bandwidth
     elementwise: Quantity | None = None
     #: measured fractions for transformers' own kernels, keyed by operator kind (norm, mlp_act, residual,
-    #: rotary, kv_cache_update, attention_decode); they win over ``elementwise`` for that kind
+    #: rotary, kv_cache_update, attention_decode); they win over ``elementwise`` for that kind. Also
+    #: compress's own kernels by name (w4a16, decode_attention), which otherwise stream at ``memory``
     by_op: dict[str, Quantity] = Field(default_factory=dict)
 
 
@@ -112,6 +113,9 @@ class Overhead(_Strict):
     per_gemm_s: Quantity = _NOT_GIVEN
     #: each fused (flash) attention call, instead of per_kernel_s: its latency at short prompts
     per_attention_s: Quantity = _NOT_GIVEN
+    #: each launch of one of compress's own kernels, by name (w4a16, decode_attention; see
+    #: roofline_compress); unset: per_gemm_s for w4a16, per_attention_s for decode_attention
+    by_kernel: dict[str, Quantity] = Field(default_factory=dict)
 
 
 class HostOverhead(_Strict):
@@ -159,6 +163,22 @@ class Device(_Strict):
         a = self.achievable
         frac = a.by_op.get(kind) or a.elementwise or a.memory
         return self.memory_bandwidth.value * frac.value
+
+    def kernel_bandwidth(self, kernel: str) -> float:
+        """Bandwidth of one of compress's own kernels: its measured fraction, else the memory fraction."""
+        frac = self.achievable.by_op.get(kernel) or self.achievable.memory
+        return self.memory_bandwidth.value * frac.value
+
+    def kernel_fixed_s(self, kernel: str) -> float:
+        """Fixed time per launch of one of compress's own kernels (see ``Overhead.by_kernel``)."""
+        o = self.overhead
+        if kernel in o.by_kernel:
+            return o.by_kernel[kernel].value
+        if kernel == "w4a16":
+            return o.per_gemm_s.value
+        if kernel == "decode_attention":
+            return o.per_attention_s.value or o.per_kernel_s.value
+        return o.per_kernel_s.value
 
     def achievable_flops(self, key: str, kind: Literal["matrix", "attention", "vector"] = "matrix") -> float:
         a = self.achievable

@@ -12,7 +12,8 @@ attended, including the new tokens) is ``ctx``: prefill is ``new = ctx = P``; de
 - attention is a fused (flash-style) kernel: causal, only the ``new*ctx - new*(new-1)/2`` query-key
   pairs below the diagonal are computed, and the score matrix never reaches DRAM.
 
-Two implementations are counted (``impl``). ``fused`` is the floor: one kernel per operator, each
+Two implementations are counted here (``impl``; a third, ``compress``, is in ``roofline_compress``).
+``fused`` is the floor: one kernel per operator, each
 activation read and written once. ``transformers`` is what transformers' PyTorch modules launch,
 one kernel per PyTorch op (Llama, transformers 5.17, counted with torch.profiler on an H100,
 bench/results/gpu_profile_h100.json): RMSNorm as 8 kernels through fp32 intermediates (6 when the
@@ -39,7 +40,7 @@ from typing import Literal
 
 from compress.eval.roofline_shapes import LayerShape, ModelShape
 
-Impl = Literal["transformers", "fused"]
+Impl = Literal["transformers", "fused", "compress"]
 
 #: vector FLOPs per element: RMSNorm (square, sum, scale, weight), LayerNorm (mean, sub, square, sum,
 #: scale, weight, bias), softmax per score (scale, max, sub, exp, sum), rotary per rotated element.
@@ -123,6 +124,10 @@ class Op:
     unfused: bool = False
     #: operator kind for a device's per-kind bandwidth (norm, rotary, kv_cache_update, attention_decode, ...)
     kind: str = ""
+    #: one of compress's own GPU kernels (``w4a16``, ``decode_attention``; ``roofline_compress``): its
+    #: bytes move at the device's fraction for that kernel and each of its ``launches`` pays its fixed cost
+    kernel: str = ""
+    launches: float = 0.0
 
     @property
     def flops(self) -> float:
