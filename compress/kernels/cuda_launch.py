@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,13 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
                 ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
                 ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
                 ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+def cuda_source(name: str) -> str:
+    """The CUDA source ``cuda/<name>`` with ``cuda/common.cuh`` (types, PDL macros, conversions)
+    in front; the caller prepends its specialization's #defines."""
+    folder = Path(__file__).parent / "cuda"
+    return (folder / "common.cuh").read_text() + (folder / name).read_text()
 
 
 @functools.lru_cache(maxsize=1)

@@ -38,19 +38,19 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from compress.kernels.cuda_launch import DEFAULT_SHARED_BYTES, Launcher, launch, pdl_supported  # noqa: F401 (re-exported)
+from compress.kernels.cuda_launch import (  # noqa: F401 (re-exported)
+    DEFAULT_SHARED_BYTES, Launcher, cuda_source, launch, pdl_supported)
 
 
 log = logging.getLogger(__name__)
 
 CHUNK = 32  # columns per 16-byte load
 
-_SOURCE = (Path(__file__).parent / "cuda" / "w4a16.cu").read_text()  # CUDA C++, see the file
+_SOURCE = cuda_source("w4a16.cu")  # CUDA C++: cuda/common.cuh + cuda/w4a16.cu
 
 _GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH is always 0
 

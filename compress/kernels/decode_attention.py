@@ -29,19 +29,18 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from compress.kernels.cuda_launch import Launcher, pdl_supported
+from compress.kernels.cuda_launch import Launcher, cuda_source, pdl_supported
 
 NAME = "compress_decode"  # the transformers attention implementation ``install`` registers
 HEAD_DIMS = (64, 128, 256)
 MAX_SPLITS = 256  # as in the source
 
-_SOURCE = (Path(__file__).parent / "cuda" / "decode_attention.cu").read_text()  # CUDA C++, see the file
+_SOURCE = cuda_source("decode_attention.cu")  # CUDA C++: cuda/common.cuh + cuda/decode_attention.cu
 
 
 @dataclass(frozen=True)

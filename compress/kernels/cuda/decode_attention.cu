@@ -1,42 +1,11 @@
 // The decode attention kernel of compress.kernels.decode_attention (compiled at run time with NVRTC;
 // the module prepends the #defines of each specialization).
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-struct __align__(8) V2 { u32 a, b; };
-struct __align__(16) V4 { u32 a, b, c, d; };
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define GRID_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#else
-#define GRID_WAIT()
-#define GRID_LAUNCH()
-#endif
+struct __align__(8) V2 { u32 a, b; };  // (u32, u16, V4, GRID_WAIT, to_float / to_out: common.cuh)
 
 #define EPL (HD / 32)   /* elements of a head vector per lane */
 #define MAX_SPLITS 256  /* slices per head the combine takes (split() keeps to it) */
 #define NEG_INF __int_as_float(0xff800000)
-
-__device__ __forceinline__ float h2f(u32 h16) {
-  float f;
-#if BF16
-  f = __uint_as_float(h16 << 16);
-#else
-  asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h16));
-#endif
-  return f;
-}
-
-__device__ __forceinline__ u16 f2h(float f) {
-  u16 h;
-#if BF16
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-  return h;
-}
 
 __device__ __forceinline__ float ex2(float x) {  // 2^x; ex2.approx(-inf) = +0
   float y;
@@ -89,7 +58,7 @@ __device__ __forceinline__ Row ld_row(const u16* p) {
 }
 
 __device__ __forceinline__ float elem(const Row& r, int e) {
-  return h2f(e & 1 ? r.w[e >> 1] >> 16 : r.w[e >> 1] & 0xFFFFu);
+  return to_float(e & 1 ? r.w[e >> 1] >> 16 : r.w[e >> 1] & 0xFFFFu);
 }
 
 // grid (splits, B * H), WARPS warps; block (s, bh) covers cache positions [s * P, min(L, s * P + P)).
@@ -206,7 +175,7 @@ decode_attn(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
       float a = 0.f;
 #pragma unroll
       for (int r = 0; r < CLUSTER; ++r) a += fr[r] == 0.f ? 0.f : ld_cluster(&cl_acc[d], r) * fr[r];
-      o[d] = f2h(Lc > 0.f ? a / Lc : 0.f);
+      o[d] = to_out(Lc > 0.f ? a / Lc : 0.f);
     }
   }
   cluster_sync();  // no block leaves while another may still read its shared memory
@@ -217,7 +186,7 @@ decode_attn(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
       float a = 0.f;
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) a += sm_acc[w][d] * f[w];
-      o[d] = f2h(Lsum > 0.f ? a / Lsum : 0.f);
+      o[d] = to_out(Lsum > 0.f ? a / Lsum : 0.f);
     }
     return;
   }
@@ -253,6 +222,6 @@ decode_attn(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
 #pragma unroll 8
     for (int i = 0; i < S; ++i)
       if (sm_f[i] != NEG_INF) a += ldcg(wsh + (size_t)i * (HD + 2) + 2 + d) * ex2(sm_f[i] - M);
-    o[d] = f2h(Lsum > 0.f ? a / Lsum : 0.f);
+    o[d] = to_out(Lsum > 0.f ? a / Lsum : 0.f);
   }
 }

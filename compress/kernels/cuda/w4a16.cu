@@ -1,24 +1,7 @@
 // The W4A16 matmul kernels of compress.kernels.cuda_w4a16 (compiled at run time with NVRTC;
 // the module prepends the #defines of each specialization).
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-struct __align__(16) V4 { u32 a, b, c, d; };
-
-// Programmatic dependent launch (sm_90+): a kernel launched with the programmatic-serialization
-// attribute may start while the previous kernel in the stream is still running. Everything before
-// GRID_WAIT must not read what earlier kernels write (the weights, scales and zero points are
-// written once, at load); GRID_WAIT blocks until the previous grid has finished and its writes are
-// visible. GRID_LAUNCH lets the next kernel start early; it comes after GRID_WAIT so that at most
-// two grids overlap. Both are no-ops on older GPUs and for plain launches.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define GRID_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#else
-#define GRID_WAIT()
-#define GRID_LAUNCH()
-#endif
+// (GRID_WAIT / GRID_LAUNCH, to_float / to_out and the types: common.cuh)
 
 #if BF16
 #define MAGIC 0x4300u   /* bf16 128.0 */
@@ -95,24 +78,6 @@ __device__ __forceinline__ u32 scale_pair(u32 h, u32 ss) {  // h * s, rounded on
   asm("mul.f16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(ss));
 #endif
   return d;
-}
-__device__ __forceinline__ float to_float(u32 h16) {
-  float f;
-#if BF16
-  asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.bf16 %0, t; }" : "=f"(f) : "r"(h16));
-#else
-  asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "r"(h16));
-#endif
-  return f;
-}
-__device__ __forceinline__ u16 to_out(float f) {
-  u16 h;
-#if BF16
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-  return h;
 }
 // d (+)= A (16 x 16, 4 regs) * B (16 x 8, 2 regs), fp32 accumulators.
 __device__ __forceinline__ void mma(float* d, const u32* a, u32 b0, u32 b1) {
