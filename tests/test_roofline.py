@@ -547,4 +547,8 @@ def test_compress_runtime_on_the_h100_against_the_measured_7b_decode():
     assert 0.85 < r.decode_ms_per_token / 1.953 < 1.15
     assert 0.85 < r.baseline.decode_ms_per_token / 5.932 < 1.15
     a100 = estimate("llama-2-7b", {**spec, "device": "a100-80gb"}, compression={"weight_bits": 4})
-    assert any("no measured terms for compress" in w for w in a100.warnings)
+    assert any("no measured fixed cost of w4a16, decode_attention" in w for w in a100.warnings)
+    h200 = estimate("llama-2-7b", {**spec, "device": "h200"}, compression={"weight_bits": 4})
+    assert [w for w in h200.warnings if "compress's kernels" in w] == [
+        "h200 has no measured bandwidth of w4a16, decode_attention (taken as the memory fraction) for compress's "
+        "kernels (bench/fit_compress_roofline.py fits them)"]

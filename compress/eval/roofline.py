@@ -384,11 +384,9 @@ def _estimate_one(shape: ModelShape, name: str, spec: RooflineSpec, device: Devi
     overhead = _overhead_ms(device, shape, spec.overhead)
     host = _host_ms(device, shape, spec, warnings)
     if device.kind == "gpu" and spec.overhead and spec.implementation == "compress":
-        missing = [k for k in rc.KERNELS if not device.overhead.by_kernel.get(k) or not device.achievable.by_op.get(k)]
+        missing = rc.missing_terms(device)
         if missing:
-            warnings.append(f"{device.name} has no measured terms for compress's {', '.join(missing)} kernel(s): "
-                            "costed as cuBLAS / flash attention at the memory fraction "
-                            "(bench/fit_compress_roofline.py fits them)")
+            warnings.append(missing)
     if device.kind == "gpu" and spec.overhead and spec.implementation == "transformers" \
             and not device.overhead.per_kernel_s.value:
         warnings.append(f"{device.name} has no measured per-kernel costs: the estimate leaves out kernel launch "

@@ -26,6 +26,7 @@ that kernel plus its bytes at the device's fraction for it (``overhead.by_kernel
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from compress.eval import roofline_ops
 from compress.eval.roofline_ops import (
@@ -61,6 +62,18 @@ def projection(name: str, m: int, k: int, n: int, fmt: WeightFormat, a: int, bia
     dense = WeightFormat(value_bits=8 * a)
     deq = Op(f"{name}_dequant", 0.0, op.vector_flops, weight_bytes(k, n, fmt), k * n * a, kernels=1.0)
     return [deq, replace(linear(name, m, k, n, dense, a, bias), act_bytes=act)]
+
+
+def missing_terms(device: Any) -> str | None:
+    """A warning naming the terms for our kernels that ``device``'s file lacks (None: it has them all)."""
+    no_fixed = [k for k in KERNELS if not device.overhead.by_kernel.get(k)]
+    no_rate = [k for k in KERNELS if not device.achievable.by_op.get(k)]
+    if not no_fixed and not no_rate:
+        return None
+    what = ([f"fixed cost of {', '.join(no_fixed)} (taken as cuBLAS's / flash attention's)"] if no_fixed else []) \
+        + ([f"bandwidth of {', '.join(no_rate)} (taken as the memory fraction)"] if no_rate else [])
+    return (f"{device.name} has no measured {' and '.join(what)} for compress's kernels "
+            "(bench/fit_compress_roofline.py fits them)")
 
 
 def decode_attention(batch: int, slots: int, ly: LayerShape, a: int, kv_b: int) -> Op:
