@@ -43,8 +43,9 @@ triton = statistics.median(r["triton"] for r in rows if "triton" in r)
 print(f"kernel_bench batch 1, median speedup vs fp16 over {len(rows)} shapes: cuda {cuda:.2f}x, triton {triton:.2f}x")
 PY
       # compile_pdl (torch.compile with Inductor's PDL, the headline since session 4): ~2 minutes of
-      # compilation per model; drop it from --modes for a quick run
-      timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl \
+      # compilation per model; drop it from --modes for a quick run. --attn compress: our decode
+      # attention in both models (the headline since session 7)
+      timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --attn compress \
         --out "$OUT/e2e_gpu.json" > "$OUT/e2e.log" 2>&1
       grep -v Warning "$OUT/e2e.log" | tail -12 ;;
     fused)
