@@ -32,8 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.adapters import set_submodule  # noqa: E402
-from compress.algos.quant import default_g_idx, rtn_quantize, rtn_quantize_permuted  # noqa: E402
+from compress.adapters import get_adapter, set_submodule  # noqa: E402
+from compress.algos.quant import default_g_idx, rtn_quantize, rtn_quantize_permuted, shared_permutations  # noqa: E402
 from compress.kernels import accelerate, fused_block, tune_triton  # noqa: E402
 from compress.kernels.dispatch import CPU_PREFILL, packed_weights  # noqa: E402
 from compress.nn.qlinear import QuantizedLinear  # noqa: E402
@@ -49,14 +49,15 @@ def quantize_linears(model: nn.Module, group_size: int, symmetric: bool, skip: t
     ``act_order`` the groups follow a random column permutation per input, shared by the layers that
     read the same input (q/k/v; gate/up), as GPTQ's act-order gives them: timing only (RTN numerics)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] not in skip]
-    gen = torch.Generator().manual_seed(0)
-    perms: dict[tuple, torch.Tensor] = {}
+    perms = {}
+    if act_order:
+        groups = get_adapter(model).input_groups(model)
+        perms = shared_permutations(groups, {n: model.get_submodule(n).in_features for g in groups for n in g},
+                                    torch.Generator().manual_seed(0))
     for name in names:
         lin = model.get_submodule(name)
         if act_order:
-            site = (name.rsplit(".", 1)[0], lin.in_features, name.endswith(("o_proj", "down_proj")))
-            perm = perms.setdefault(site, torch.randperm(lin.in_features, generator=gen))
-            q, s, z, g = rtn_quantize_permuted(lin.weight.data, 4, group_size, symmetric, perm)
+            q, s, z, g = rtn_quantize_permuted(lin.weight.data, 4, group_size, symmetric, perms[name])
         else:
             q, s, z = rtn_quantize(lin.weight.data, 4, group_size, symmetric)
             g = default_g_idx(lin.in_features, group_size, device=q.device)

@@ -105,6 +105,12 @@ class Adapter:
     def linear_names(self) -> list[str]:
         return [n for g in self.sequential_groups for n in g]
 
+    def input_groups(self, model: nn.Module) -> list[list[str]]:
+        """Full names of every block's linear layers, grouped by the input they read (the
+        true-sequential groups: for Llama q/k/v, o, gate/up, down)."""
+        return [[f"{self.block_prefix(i)}.{n}" for n in group]
+                for i in range(self.num_blocks(model)) for group in self.sequential_groups]
+
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {n: _get(block, n) for n in self.linear_names()}
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress.adapters import set_submodule
-from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize, rtn_quantize_permuted
+from compress.adapters import get_adapter, set_submodule
+from compress.algos.quant import (default_g_idx, dequantize_weight, rtn_quantize, rtn_quantize_permuted,
+                                  shared_permutations)
 from compress.errors import CompressError, ConfigError
 from compress.kernels import accelerate, cpu_int4, layout
 from compress.nn.qlinear import QuantizedLinear
@@ -201,13 +202,13 @@ def tiny_quantized_model(gs: int = 64, device: str = "cpu", act_order: bool = Fa
     cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=256)
     model = LlamaForCausalLM(cfg).eval()
-    perms: dict[tuple, torch.Tensor] = {}
+    groups = get_adapter(model).input_groups(model)
+    perms = shared_permutations(groups, {n: model.get_submodule(n).in_features for g in groups for n in g},
+                                torch.Generator().manual_seed(0))
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and name != "lm_head":
             if act_order:
-                site = (name.rsplit(".", 1)[0], mod.in_features, name.endswith("o_proj"))
-                perm = perms.setdefault(site, torch.randperm(mod.in_features))
-                q, s, z, g = rtn_quantize_permuted(mod.weight.data, 4, gs, False, perm)
+                q, s, z, g = rtn_quantize_permuted(mod.weight.data, 4, gs, False, perms[name])
             else:
                 q, s, z = rtn_quantize(mod.weight.data, 4, gs, False)
                 g = default_g_idx(mod.in_features, gs)
@@ -909,3 +910,16 @@ def test_inductor_pdl_chains_its_kernels_with_ours_correctly():
     assert rel_err(got, ref) < 1e-2
     r = time_generation(model, prompt=16, generate=6, mode="compile", repeats=1, warmup=1, inductor_pdl=True)
     assert r["tokens_match_eager"] and r["inductor_pdl"] and r["decode_ms_per_token"] > 0
+
+
+def test_act_order_test_layers_share_one_order_per_input():
+    """Layers that read the same input (the adapter's true-sequential groups) get one permutation."""
+    model = tiny_quantized_model()
+    groups = get_adapter(model).input_groups(model)
+    assert groups[:4] == [[f"model.layers.0.self_attn.{p}_proj" for p in "qkv"], ["model.layers.0.self_attn.o_proj"],
+                          ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"], ["model.layers.0.mlp.down_proj"]]
+    perms = shared_permutations(groups, {n: model.get_submodule(n).in_features for g in groups for n in g},
+                                torch.Generator().manual_seed(0))
+    assert perms["model.layers.0.self_attn.q_proj"] is perms["model.layers.0.self_attn.v_proj"]
+    assert not torch.equal(perms["model.layers.0.self_attn.q_proj"], perms["model.layers.0.self_attn.o_proj"])
+    assert sorted(perms["model.layers.1.mlp.down_proj"].tolist()) == list(range(256))

@@ -115,6 +115,19 @@ def rtn_quantize(
     return torch.cat(codes, 1).to(torch.uint8), torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
+def shared_permutations(groups: list[list[str]], in_features: dict[str, int],
+                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One random column order per group of layers that read the same input (GPTQ's act-order gives
+    such layers one order: they share the Hessian), by layer name; with ``rtn_quantize_permuted``
+    it builds act-order layers for kernel tests and benchmarks. ``groups``: e.g.
+    ``Adapter.input_groups``."""
+    out = {}
+    for names in groups:
+        perm = torch.randperm(in_features[names[0]], generator=generator)
+        out.update({n: perm for n in names})
+    return out
+
+
 def rtn_quantize_permuted(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool, perm: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

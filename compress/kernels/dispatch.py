@@ -323,14 +323,7 @@ def _fusion_groups(model: nn.Module, mods: dict[str, QuantizedLinear], adapter: 
     table (none for models it does not know: generic discovery gives one layer per group)."""
     if adapter is None:
         return []
-    groups = []
-    for i in range(adapter.num_blocks(model)):
-        prefix = adapter.block_prefix(i)
-        for group in adapter.sequential_groups:
-            names = [f"{prefix}.{n}" for n in group]
-            if len(names) > 1 and all(n in mods for n in names):
-                groups.append(names)
-    return groups
+    return [names for names in adapter.input_groups(model) if len(names) > 1 and all(n in mods for n in names)]
 
 
 def _install_fused(names: list[str], mods: list[QuantizedLinear], large_m: str, width: int, pdl: bool,
