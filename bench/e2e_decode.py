@@ -170,7 +170,6 @@ def run_gpu(args: argparse.Namespace) -> dict:
     model = random_llama(config, torch.float16, "cuda", attn_implementation="sdpa" if args.attn == "compress" else args.attn)
     if args.attn == "compress":  # our decode attention kernel, in both models (the INT4 one is this model)
         from compress.kernels import attention
-
         from compress.kernels.decode_attention import Config
 
         cfg = None

@@ -186,7 +186,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if device.type == "cuda" and args.tune and args.batch <= 16 and (
                     {"cuda", "triton"} & set(report.layers.values())):
                 from compress.kernels import tune_triton
-
                 from compress.kernels.fused_block import key_label
 
                 tuned = tune_triton(model, (args.batch,))  # decode rows; prefill dequantizes (M > 16)

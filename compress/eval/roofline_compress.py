@@ -7,8 +7,8 @@ bench --mode compile`` and ``bench/e2e_decode.py --attn compress`` time it (docs
 - quantized linears at decode (up to ``SMALL_M`` rows) run our W4A16 kernel, one launch per
   stacked group: q/k/v as one, gate/up as one (``kernel="w4a16"``); dense linears stay
   transformers' separate cuBLAS products;
-- in pre-norm RMSNorm blocks with a gated MLP (the adapter table's ``decode_block`` families:
-  Llama, Mistral, Qwen2/3) the two norms, act(gate)*up and both residual adds run inside those
+- in the blocks the adapter table marks ``decode_block`` (Llama, Mistral, Qwen2/3: RMSNorms and
+  a SiLU-gated MLP) the two norms, act(gate)*up and both residual adds run inside those
   launches: no kernels of their own, only the bytes they add (the norm's weight, the residual read);
   gate/up writes the intermediate once;
 - more rows (prefill, large batches): each quantized group is dequantized by a kernel of ours
@@ -85,22 +85,20 @@ def decode_attention(batch: int, slots: int, ly: LayerShape, a: int, kv_b: int) 
               kernel="decode_attention", launches=1.0)
 
 
-def fused_blocks(shape: ModelShape) -> bool:
-    """Whether accelerate fuses this architecture's norms, activation and residual adds (the adapter
-    table's decode_block families: RMSNorm, gated MLP)."""
-    return shape.arch.norm == "rms" and shape.arch.mlp == "gated"
-
-
 def layer_ops(shape: ModelShape, ly: LayerShape, batch: int, new: int, ctx: int, fmt: WeightFormat,
               a: int, kv_b: int, kv_mode: str, cache_len: int | None = None) -> list[Op]:
     """Operators of one decoder layer under compress's runtime, in execution order."""
     arch, m, h = shape.arch, batch * new, shape.hidden
-    inside = fmt.quantized and m <= SMALL_M and fused_blocks(shape)  # norms/act/residuals in our launches
+    inside = fmt.quantized and m <= SMALL_M and arch.decode_block  # norms/act/residuals in our launches
+
+    def absorbed(op: Op) -> Op:  # a norm, activation or residual add that runs inside our launches
+        return replace(op, act_bytes=0.0, kernels=0.0) if inside else op
+
     ops: list[Op] = []
     if ly.n_heads:
         q, kv = ly.n_heads * ly.head_dim, ly.n_kv_heads * ly.head_dim
         n1 = norm("attn_norm", m, h, arch.norm, a, "fused")
-        ops.append(replace(n1, act_bytes=0.0, kernels=0.0) if inside else n1)
+        ops.append(absorbed(n1))
         if fmt.quantized or arch.fused_qkv:  # accelerate stacks quantized q/k/v into one launch
             ops += projection("qkv_proj", m, h, q + 2 * kv, fmt, a, shape.qkv_bias)
         else:  # dense weights stay transformers' three linears (three cuBLAS products)
@@ -119,25 +117,25 @@ def layer_ops(shape: ModelShape, ly: LayerShape, batch: int, new: int, ctx: int,
             ops.append(attention(batch, new, ctx, ly, a, kv_b, "fused", kv_mode, cache_len))
         ops += projection("o_proj", m, q, h, fmt, a, shape.out_bias, extra_act=m * h * a if inside else 0.0)
         res = elementwise("attn_residual", m * h, 1.0, 2, 1, a, kind="residual")
-        ops.append(replace(res, act_bytes=0.0, kernels=0.0) if inside else res)
+        ops.append(absorbed(res))
     if ly.intermediate:
         i = ly.intermediate
         n2 = norm("mlp_norm", m, h, arch.norm, a, "fused")
-        ops.append(replace(n2, act_bytes=0.0, kernels=0.0) if inside else n2)
+        ops.append(absorbed(n2))
         if arch.mlp == "gated":
             act = elementwise("mlp_act", m * i, arch.act_flops, 2, 1, a)
             if fmt.quantized:
                 ops += projection("gate_up_proj", m, h, 2 * i, fmt, a, shape.mlp_bias, out_cols=i if inside else None)
             else:
                 ops += [linear(name, m, h, i, fmt, a, shape.mlp_bias) for name in ("gate_proj", "up_proj")]
-            ops.append(replace(act, act_bytes=0.0, kernels=0.0) if inside else act)
+            ops.append(absorbed(act))
             ops += projection("down_proj", m, i, h, fmt, a, shape.mlp_bias, extra_act=m * h * a if inside else 0.0)
         else:
             ops += projection("fc1", m, h, i, fmt, a, shape.mlp_bias)
             ops.append(elementwise("mlp_act", m * i, arch.act_flops, 1, 1, a))
             ops += projection("fc2", m, i, h, fmt, a, shape.mlp_bias)
         res = elementwise("mlp_residual", m * h, 1.0, 2, 1, a, kind="residual")
-        ops.append(replace(res, act_bytes=0.0, kernels=0.0) if inside else res)
+        ops.append(absorbed(res))
     return ops
 
 

@@ -40,7 +40,7 @@ from typing import Literal
 
 from compress.eval.roofline_shapes import LayerShape, ModelShape
 
-Impl = Literal["transformers", "fused", "compress"]
+Impl = Literal["transformers", "fused"]
 
 #: vector FLOPs per element: RMSNorm (square, sum, scale, weight), LayerNorm (mean, sub, square, sum,
 #: scale, weight, bias), softmax per score (scale, max, sub, exp, sum), rotary per rotated element.

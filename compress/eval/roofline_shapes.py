@@ -27,10 +27,12 @@ SHAPES_DIR = Path(__file__).with_name("model_shapes")
 @dataclass(frozen=True)
 class Arch(ArchFacts):
     """Per-architecture facts the FLOP/byte model needs: the adapter table's ``ArchFacts`` plus what
-    the adapter's layout implies (the config key of the FFN width, fused q/k/v)."""
+    the adapter's layout implies (the config key of the FFN width, fused q/k/v, whether compress
+    fuses its decoder blocks: ``Adapter.decode_block``)."""
 
     ffn_key: str = "intermediate_size"
     fused_qkv: bool = False
+    decode_block: bool = False
 
 
 def known_model_types() -> list[str]:
@@ -51,7 +53,8 @@ def architecture(model_type: str | None) -> Arch:
             f"{', '.join(known_model_types())} (add an Adapter with its ArchFacts to ADAPTERS in compress/adapters.py)"
         )
     facts = {f.name: getattr(adapter.arch, f.name) for f in fields(ArchFacts)}
-    return Arch(**facts, ffn_key=adapter.config_key("intermediate"), fused_qkv=adapter.fused_qkv)
+    return Arch(**facts, ffn_key=adapter.config_key("intermediate"), fused_qkv=adapter.fused_qkv,
+                decode_block=adapter.decode_block is not None)
 
 
 @dataclass(frozen=True)

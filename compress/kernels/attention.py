@@ -39,16 +39,14 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     plain = (da is None or dropout or query.shape[2] != 1 or not query.is_cuda
              or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks", "position_bias"))
              or kwargs.get("output_attentions"))
-    if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    if torch.compiler.is_compiling():
-        return torch.ops.compress.decode_attention(query, key, value, attention_mask, scale, da.handle), None
-    if unsupported_reason(query, key, value, attention_mask) is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    return da(query, key, value, attention_mask, scale), None
+    if not plain:
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        if torch.compiler.is_compiling():
+            return torch.ops.compress.decode_attention(query, key, value, attention_mask, scale, da.handle), None
+        if unsupported_reason(query, key, value, attention_mask) is None:
+            return da(query, key, value, attention_mask, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

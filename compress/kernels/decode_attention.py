@@ -183,8 +183,10 @@ class DecodeAttention:
         ``unsupported_reason`` says. The caller has checked ``unsupported_reason``."""
         b, h, _, d = query.shape
         hk, length = key.shape[1], key.shape[2]
-        sm90 = torch.cuda.get_device_capability(query.device) >= (9, 0)  # thread block clusters
-        cfg = cfg or self.cfg or choose_config(length, b * h, _sm_count(query.device.index), sm90)
+        dev = query.device
+        sms = _sm_count(dev.index)
+        sm90 = torch.cuda.get_device_capability(dev) >= (9, 0)  # thread block clusters
+        cfg = cfg or self.cfg or choose_config(length, b * h, sms, sm90)
         if cfg.cluster and not sm90:
             cfg = LONG
         vec = d // 32
@@ -195,14 +197,13 @@ class DecodeAttention:
                 kind = 1
             else:
                 kind, mask = 2, mask.float()
-        dev = query.device
-        slices, per = split(length, b * h, _sm_count(dev.index), cfg)
-        counters = self.counter(dev, b * h) if slices > 1 and not cfg.cluster else None
-        if slices > 1 and counters is None and not cfg.cluster:
-            slices, per = 1, length
+        slices, per = split(length, b * h, sms, cfg)
+        merged = slices > 1 and not cfg.cluster  # partials merged in global memory, by per-head counters
+        counters = self.counter(dev, b * h) if merged else None
+        if merged and counters is None:  # none yet and a CUDA graph is being captured: one slice per head
+            slices, per, merged = 1, length, False
         out = torch.empty(b, 1, h, d, device=dev, dtype=query.dtype)
-        ws = torch.empty(b * h * slices * (d + 2) if slices > 1 and not cfg.cluster else 1, device=dev,
-                         dtype=torch.float32)
+        ws = torch.empty(b * h * slices * (d + 2), device=dev, dtype=torch.float32) if merged else None
         bf16 = query.dtype == torch.bfloat16
         pdl = self.pdl and pdl_supported(dev)
         key_ = (dev.index, d, bf16, kind, cfg.warps, cfg.t, cfg.cluster, slices, b * h, pdl)

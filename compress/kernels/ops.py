@@ -27,6 +27,13 @@ _WEIGHTS: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary(
 _NEXT = itertools.count(1)
 
 
+def _registered(handle: int, op: str, what: str, redo: str) -> Any:
+    obj = _WEIGHTS.get(handle)
+    if obj is None:
+        raise RuntimeError(f"compress::{op}: {what} {handle} no longer exists (re-run {redo} and recompile)")
+    return obj
+
+
 def register(wt: Any) -> int:
     """A handle for ``wt`` (a ``triton_w4a16.W4A16Weight``) to pass to ``w4a16_linear``."""
     handle = next(_NEXT)
@@ -40,11 +47,7 @@ def w4a16_linear(x: torch.Tensor, handle: int, out_features: int, gathered: bool
     ``gathered``: x is already in the weight's act-order group order (gathered in the graph)."""
     from compress.kernels import triton_w4a16 as tw
 
-    wt = _WEIGHTS.get(handle)
-    if wt is None:
-        raise RuntimeError(f"compress::w4a16_linear: packed weight {handle} no longer exists "
-                           "(re-run accelerate and recompile)")
-    return tw.w4a16_matmul(x, wt, gathered)
+    return tw.w4a16_matmul(x, _registered(handle, "w4a16_linear", "packed weight", "accelerate"), gathered)
 
 
 @w4a16_linear.register_fake
@@ -57,11 +60,7 @@ def w4a16_fused(x: torch.Tensor, handle: int, out_features: int,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """A ``fused_block.FusedLinear`` registered as ``handle``: its matmul with the fusions it was
     built with (RMSNorm prologue, SiLU-gate epilogue, residual add)."""
-    fl = _WEIGHTS.get(handle)
-    if fl is None:
-        raise RuntimeError(f"compress::w4a16_fused: fused layer {handle} no longer exists "
-                           "(re-run accelerate and recompile)")
-    return fl.run(x, residual)
+    return _registered(handle, "w4a16_fused", "fused layer", "accelerate").run(x, residual)
 
 
 @w4a16_fused.register_fake
@@ -75,11 +74,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """One decode step's attention by the ``decode_attention.DecodeAttention`` registered as
     ``handle``: [B, 1, H, D]. Its per-head counters are written and left at zero by the kernel, a
     scratch it owns, so the op declares no mutation."""
-    da = _WEIGHTS.get(handle)
-    if da is None:
-        raise RuntimeError(f"compress::decode_attention: attention {handle} no longer exists "
-                           "(re-run install and recompile)")
-    return da.run(query, key, value, mask, scaling)
+    return _registered(handle, "decode_attention", "attention", "install").run(query, key, value, mask, scaling)
 
 
 @decode_attention.register_fake
