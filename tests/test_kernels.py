@@ -237,20 +237,24 @@ def test_accelerate_auto_on_cpu_installs_cpu_int4_and_says_so(caplog):
 
 
 
-@pytest.mark.skipif(not cpu_int4.available()[0], reason="torch without the CPU int4 kernel")
-def test_cpu_backend_runs_prefill_densely_and_decode_on_int4(monkeypatch):
-    from compress.kernels import dispatch
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_cpu_backend_runs_prefill_densely_and_decode_on_int4(monkeypatch, kernel):
+    from compress.kernels import cpu_native, dispatch
 
+    ok, why = (cpu_int4 if kernel == "torch" else cpu_native).available()
+    if not ok:
+        pytest.skip(why)
     layer = make_layer(96, 256, 64, False, True, True, seed=4)
-    accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_prefill="fp32")
+    accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_prefill="fp32", cpu_kernel=kernel)
     calls = []
-    monkeypatch.setattr(cpu_int4, "int4_matmul", lambda x, wt: calls.append(x.shape) or torch.zeros(*x.shape[:-1], 96))
+    module, fn = (cpu_int4, "int4_matmul") if kernel == "torch" else (cpu_native, "matmul")
+    monkeypatch.setattr(module, fn, lambda x, wt: calls.append(x.shape) or torch.zeros(*x.shape[:-1], 96))
     big = torch.randn(2, dispatch.CPU_DENSE_MIN_ROWS // 2, 256)  # exactly the threshold: dense fp32
     assert rel_err(layer(big), reference(layer, big)) < 1e-6 and not calls
     layer(torch.randn(1, 1, 256))  # decode-sized: the int4 kernel
     assert calls == [(1, 1, 256)]
     # bf16 dense product: its own threshold, bf16-level error, never the int4 kernel
-    accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_prefill="bf16")
+    accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_prefill="bf16", cpu_kernel=kernel)
     assert layer._backend.dense_dtype == torch.bfloat16
     calls.clear()
     rows = dispatch.CPU_BF16_DENSE_MIN_ROWS
@@ -301,12 +305,12 @@ def test_accelerate_falls_back_with_a_warning_when_triton_cannot_run(caplog):
 
 
 def test_accelerate_falls_back_for_an_unsupported_layer(caplog):
-    model = nn.Sequential(make_layer(32, 96, 48, False, False, False))  # groups of 48: no CPU kernel
+    model = nn.Sequential(make_layer(32, 96, 24, False, False, False))  # groups of 24: no CPU kernel
     x = torch.randn(2, 96)
     with caplog.at_level(logging.WARNING, logger="compress.kernels.dispatch"):
         report = accelerate(model, backend="cpu-int4")
     assert report.paths == ["dequant-fallback"]
-    assert any("dequant-fallback" in r.message and "48" in r.message for r in caplog.records)
+    assert any("dequant-fallback" in r.message and "24" in r.message for r in caplog.records)
     assert rel_err(model(x), reference(model[0], x)) < 1e-5
 
 

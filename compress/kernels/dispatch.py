@@ -7,10 +7,12 @@ with ``QuantizedLinear.set_backend``. Paths, as the report names them:
   layers on a CUDA device that it can run (see ``triton_w4a16.repack``); fp16/bf16 activations.
 - ``triton``: the W4A16 Triton kernels (``triton_w4a16``), the other GPU layers; fp16/bf16
   activations. On both GPU paths other activation dtypes run the dequantize fallback for that call.
-- ``cpu-int4``: torch's CPU int4 kernel (``cpu_int4``), for layers on the CPU; bf16 arithmetic. From
-  a threshold of activation rows on (prefill) the layer is dequantized for that call and multiplied
-  densely (faster there than the int4 kernel): in bf16 where the CPU multiplies bf16 natively (AMX,
-  AVX512-BF16; ``cpu_prefill="auto"``), else in float32 (exact).
+- ``cpu-int4``: an INT4 kernel for layers on the CPU: our C kernel (``cpu_native``, fp32 arithmetic,
+  compiled for this CPU on first use) where it builds, else torch's int4 kernel (``cpu_int4``, bf16
+  arithmetic); ``cpu_kernel`` picks one explicitly. From a threshold of activation rows on (prefill)
+  the layer is dequantized for that call and multiplied densely (faster there than either kernel):
+  in bf16 where the CPU multiplies bf16 natively (AMX, AVX512-BF16; ``cpu_prefill="auto"``), else in
+  float32 (exact).
 - ``dequant-fallback``: no kernel installed; the layer's own forward dequantizes its weight and
   calls ``F.linear`` (always correct, slow, no memory saved at run time).
 
@@ -20,7 +22,7 @@ none. A named backend that cannot serve a layer falls back for that layer. Every
 logged as a WARNING naming it and the reason, and the returned ``AccelerationReport`` lists it per
 layer.
 
-On the GPU paths the packed words hold the codes, so the layer's uint8 ``qweight`` (1 byte per
+On the GPU paths and the C kernel's CPU path the packed words hold the codes, so the layer's uint8 ``qweight`` (1 byte per
 weight) is released (``QuantizedLinear.release_codes``). Whatever reads ``qweight`` later gets it
 back, rebuilt exactly, on first access and keeps it: the dequantize forward (``set_backend(None)``,
 e.g. a reference check), ``dequantize()`` (``compress bench`` densifying for its baseline),
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "triton", "cpu-int4", "dequant")
 LARGE_M = ("triton", "dequant")
 CPU_PREFILL = ("auto", "bf16", "fp32")
+CPU_KERNELS = ("auto", "native", "torch")
 
 
 @dataclass
@@ -146,25 +149,78 @@ def _cpu_prefill_dtype(cpu_prefill: str) -> torch.dtype:
     return torch.bfloat16 if cpu_prefill == "bf16" else torch.float32
 
 
-def _cpu_backend(mod: QuantizedLinear, dense_dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    from compress.kernels import cpu_int4
+def _cpu_backend(mod: QuantizedLinear, dense_dtype: torch.dtype,
+                 native: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The cpu-int4 forward: the C kernel (``native``) or torch's int4 kernel for few activation rows,
+    dequantize + dense GEMM for prefill-sized inputs."""
+    from compress.kernels import cpu_int4, cpu_native
 
-    wt = cpu_int4.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.bias)
-    dense = cpu_int4.dense_linear(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bias, dense_dtype)
     min_rows = CPU_BF16_DENSE_MIN_ROWS if dense_dtype == torch.bfloat16 else CPU_DENSE_MIN_ROWS
+    if native:
+        wt = cpu_native.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.bias)
+        bias = None if mod.bias is None else mod.bias.detach().clone()
+
+        def dense(x: torch.Tensor) -> torch.Tensor:
+            w = cpu_native.dequantize(wt).to(dense_dtype)  # exact fp32, rounded once for bf16
+            y = torch.nn.functional.linear(x.to(dense_dtype), w).to(x.dtype)
+            return y if bias is None else y + bias.to(x.dtype)
+
+        def kernel(x: torch.Tensor) -> torch.Tensor:
+            return cpu_native.matmul(x, wt)
+    else:
+        wt = cpu_int4.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.bias)
+        dense = cpu_int4.dense_linear(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bias, dense_dtype)
+
+        def kernel(x: torch.Tensor) -> torch.Tensor:
+            return cpu_int4.int4_matmul(x, wt)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.numel() >= min_rows * x.shape[-1]:  # prefill: compute-bound, a dense GEMM is faster
             return dense(x)
-        return cpu_int4.int4_matmul(x, wt)
+        return kernel(x)
 
     forward.packed = wt
     forward.dense_dtype = dense_dtype
     return forward
 
 
+def _cpu_layer(mod: QuantizedLinear, dense_dtype: torch.dtype, native: tuple[bool, str]) -> Callable:
+    """The C kernel where it can take this layer, else torch's kernel (``native_why`` says why)."""
+    why = native[1]
+    if native[0]:
+        try:
+            fn = _cpu_backend(mod, dense_dtype, True)
+            fn.native_why = ""
+            return fn
+        except ValueError as e:  # e.g. a group width the C kernel does not tile
+            why = f"C kernel cannot run this layer: {e}"
+    from compress.kernels import cpu_int4
+
+    ok, torch_why = cpu_int4.available()
+    if not ok:
+        raise ValueError(f"{why}; {torch_why}")
+    try:
+        fn = _cpu_backend(mod, dense_dtype, False)
+    except ValueError as e:
+        raise ValueError(f"{e}; {why}") from e
+    fn.native_why = why
+    return fn
+
+
+def _cpu_kernel_status(cpu_kernel: str) -> tuple[bool, str]:
+    """(use the C kernel, why / why not) for ``accelerate``'s ``cpu_kernel`` option."""
+    if cpu_kernel == "torch":
+        return False, "cpu_kernel='torch'"
+    from compress.kernels import cpu_native
+
+    ok, why = cpu_native.available()
+    if not ok and cpu_kernel == "native":
+        raise ConfigError(f"cpu_kernel='native': the C kernel is unavailable here: {why}")
+    return ok, why
+
+
 def _choose(mod: QuantizedLinear, backend: str, triton_ok: tuple[bool, str],
-            cpu_ok: tuple[bool, str]) -> tuple[str, str]:
+            cpu_ok: tuple[bool, str], native: tuple[bool, str]) -> tuple[str, str]:
     """(path to try, reason) for one layer."""
     on_cuda = mod.qweight.is_cuda
     if backend == "dequant":
@@ -178,9 +234,11 @@ def _choose(mod: QuantizedLinear, backend: str, triton_ok: tuple[bool, str],
         return "triton", "GPU W4A16"  # renamed by the kernel the layer was packed for (_gpu_path)
     if on_cuda:
         return "dequant-fallback", "cpu-int4 needs the layer on the CPU"
+    if native[0]:
+        return "cpu-int4", native[1]
     if not cpu_ok[0]:
-        return "dequant-fallback", cpu_ok[1]
-    return "cpu-int4", "torch _weight_int4pack_mm_for_cpu, bf16 activations"
+        return "dequant-fallback", f"{cpu_ok[1]}; C kernel: {native[1]}"
+    return "cpu-int4", f"torch _weight_int4pack_mm_for_cpu, bf16 activations ({native[1]})"
 
 
 def _gpu_path(kernel: str) -> tuple[str, str]:
@@ -192,7 +250,7 @@ def _gpu_path(kernel: str) -> tuple[str, str]:
 
 def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant",
                plane_width: int = 16, fuse: bool = True, pdl: bool = True,
-               cpu_prefill: str = "auto", fuse_blocks: bool = True) -> AccelerationReport:
+               cpu_prefill: str = "auto", fuse_blocks: bool = True, cpu_kernel: str = "auto") -> AccelerationReport:
     """Repack every QuantizedLinear of ``model`` for the best available kernel and install it.
 
     ``backend``: one of BACKENDS. ``large_m`` (layers on the Triton path only; the CUDA path always
@@ -209,6 +267,8 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
     ``cpu_prefill`` (cpu-int4 path): arithmetic of the dense product that prefill-sized inputs take,
     "bf16" (activations and dequantized weights rounded to bf16, fp32 accumulation; fast on CPUs
     with AMX or AVX512-BF16), "fp32" (exact) or "auto" (bf16 where the CPU has native bf16 GEMMs).
+    ``cpu_kernel`` (cpu-int4 path): "native" (our C kernel; ConfigError where it cannot be built),
+    "torch" (torch's int4 kernel) or "auto" (the C kernel where it builds, else torch's).
 
     Example::
 
@@ -223,17 +283,22 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
         raise ConfigError(f"plane_width must be 16, 32 or 64; got {plane_width!r}")
     if cpu_prefill not in CPU_PREFILL:
         raise ConfigError(f"cpu_prefill must be one of {', '.join(CPU_PREFILL)}; got {cpu_prefill!r}")
+    if cpu_kernel not in CPU_KERNELS:
+        raise ConfigError(f"cpu_kernel must be one of {', '.join(CPU_KERNELS)}; got {cpu_kernel!r}")
     from compress.kernels import cpu_int4
 
     triton_ok = _triton_status() if backend in ("auto", "triton") else (False, "not requested")
     cpu_ok = cpu_int4.available()
+    wants_cpu = backend in ("auto", "cpu-int4") and any(
+        not m.qweight.is_cuda for m in model.modules() if isinstance(m, QuantizedLinear))
+    native = _cpu_kernel_status(cpu_kernel) if wants_cpu else (False, "not requested")
     dense_dtype = _cpu_prefill_dtype(cpu_prefill)  # cpu-int4 layers' prefill arithmetic, asked once
     report = AccelerationReport(requested=backend)
     from compress.kernels import fused_block
 
     fused_block.uninstall(model)  # a previous call's fused blocks hold the layers it installed
     mods = {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)}
-    choice = {name: _choose(mod, backend, triton_ok, cpu_ok) for name, mod in mods.items()}
+    choice = {name: _choose(mod, backend, triton_ok, cpu_ok, native) for name, mod in mods.items()}
     done: set[str] = set()
     adapter, groups = None, {}
     if fuse:
@@ -260,7 +325,12 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
                 # the packed words hold the codes: free the uint8 copy (see the module docstring)
                 mod.release_codes(fn.restore_codes)
             elif path == "cpu-int4":
-                mod.set_backend(_cpu_backend(mod, dense_dtype))
+                fn = _cpu_layer(mod, dense_dtype, native)
+                mod.set_backend(fn)
+                if hasattr(fn.packed, "restore_codes"):  # the C kernel's packed copy holds the codes
+                    mod.release_codes(fn.packed.restore_codes)
+                else:
+                    reason = f"torch _weight_int4pack_mm_for_cpu, bf16 activations ({fn.native_why})"
                 reason += f"; prefill-sized inputs: dequantize + dense {str(dense_dtype)[6:]} GEMM"
             else:
                 mod.set_backend(None)

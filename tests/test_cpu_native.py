@@ -1,0 +1,163 @@
+"""The C INT4 kernel (compress.kernels.cpu_native): every ISA variant this CPU can run, against a
+float64 reference on fresh random inputs (never zeros), plus packing, dequantization, code release
+and accelerate's choice between it and torch's kernel."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from compress.errors import ConfigError
+from compress.kernels import accelerate, cpu_int4, cpu_native
+from compress.nn.qlinear import QuantizedLinear
+from tests.test_kernels import make_layer, reference, rel_err, tiny_quantized_model
+
+HAVE, WHY = cpu_native.available()
+pytestmark = pytest.mark.skipif(not HAVE, reason=f"C kernel unavailable: {WHY}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+# every variant the host can execute: -march=native (AVX-512 here where the CPU has it), AVX2, plain C
+MARCHES = ["native"] + (["x86-64-v3"] if {"avx2", "fma"} <= _cpu_flags() else []) + (
+    ["x86-64"] if "sse2" in _cpu_flags() else [])
+
+
+@pytest.fixture(params=MARCHES)
+def lib(request):
+    return cpu_native.load(request.param)
+
+
+@pytest.mark.parametrize("n,k,gs,sym,act,bias,m", [
+    (96, 256, 64, True, False, True, 1),     # 4-row blocks and a remainder-free N
+    (37, 256, 32, False, True, False, 3),    # act-order, odd N (row remainders), 3 activation rows
+    (50, 192, -1, False, False, True, 5),    # per channel, K = 12 chunks, 5 rows (a 4-row tile + 1)
+    (64, 176, 16, True, True, True, 2),      # group of one 16-code chunk
+    (130, 512, 128, False, False, False, 16),  # decode batch 16
+])
+def test_native_matches_float64_reference(lib, n, k, gs, sym, act, bias, m):
+    layer = make_layer(n, k, gs, sym, act, bias, seed=n + k)
+    wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, layer.bias, lib=lib)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = cpu_native.matmul(x, wt)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    # fp32 arithmetic throughout: errors at the 1e-7 level, far below torch's bf16 kernel (~3e-3)
+    assert rel_err(y, reference(layer, x)) < 2e-6
+    # leading dimensions and other float dtypes round-trip
+    x3 = x.reshape(1, m, k).to(torch.bfloat16)
+    y3 = cpu_native.matmul(x3, wt)
+    assert y3.dtype == torch.bfloat16 and y3.shape == (1, m, n)
+    assert rel_err(y3, reference(layer, x3.float())) < 1e-2
+
+
+def test_native_pack_dequantize_and_codes_round_trip(lib):
+    layer = make_layer(40, 96, 32, False, True, True, seed=3)
+    wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, layer.bias, lib=lib)
+    assert wt.packed.shape == (40, 48) and wt.packed.dtype == torch.uint8
+    assert torch.equal(wt.restore_codes(), layer.qweight)
+    assert torch.allclose(cpu_native.dequantize(wt), layer.dequantize(), rtol=0, atol=1e-6)
+
+
+def test_native_extreme_zero_points_and_scales():
+    # zero points 0 and 15 and scales spanning 1e-4..1: the zero-point term is exact in fp32
+    layer = make_layer(32, 128, 32, False, False, False, seed=5)
+    with torch.no_grad():
+        layer.zeros.copy_(torch.randint(0, 2, layer.zeros.shape, dtype=torch.uint8) * 15)
+        layer.scales.copy_(10 ** torch.empty(layer.scales.shape).uniform_(-4, 0))
+    wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, None)
+    x = torch.randn(2, 128)
+    assert rel_err(cpu_native.matmul(x, wt), reference(layer, x)) < 2e-6
+
+
+def test_native_refuses_what_it_cannot_tile():
+    assert cpu_native.unsupported_reason(4, 96, 24) is not None  # group not a multiple of 16
+    assert cpu_native.unsupported_reason(8, 256, 128) is not None  # 8-bit codes
+    assert cpu_native.unsupported_reason(3, 256, 128) is None  # codes < 16 run unchanged
+    layer = make_layer(8, 72, 24, True, False, False)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, None)
+
+
+def test_native_uses_threads_without_changing_results():
+    layer = make_layer(512, 512, 64, False, False, True, seed=9)  # big enough for the parallel path
+    wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, layer.bias)
+    x = torch.randn(3, 512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_native.matmul(x, wt)
+        torch.set_num_threads(2)
+        two = cpu_native.matmul(x, wt)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # rows are split between threads, never a reduction
+
+
+def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(cpu_native, "_compiler", lambda: "false")
+    with pytest.raises(cpu_native.NativeUnavailable, match="failed"):
+        cpu_native.load.__wrapped__("native")
+    assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
+
+
+def test_accelerate_prefers_the_c_kernel_and_releases_the_codes(caplog):
+    model = tiny_quantized_model(act_order=True)
+    ids, long_ids = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        ref, ref_long = model(ids).logits, model(long_ids).logits
+        with caplog.at_level(logging.WARNING, logger="compress.kernels.dispatch"):
+            report = accelerate(model, cpu_prefill="fp32")
+        fast, dense = model(ids).logits, model(long_ids).logits
+    assert report.counts() == {"cpu-int4": 14}
+    assert all("compress C kernel" in r for r in report.reasons.values())
+    assert any("compress C kernel" in r.message for r in caplog.records)
+    assert rel_err(fast, ref) < 1e-5  # fp32 end to end (torch's bf16 kernel: ~1e-2)
+    assert rel_err(dense, ref_long) < 1e-5
+    mods = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert all("qweight" not in m._buffers for m in mods)  # the packed nibbles hold the codes
+    state = model.state_dict()  # ...and come back exactly when something reads them
+    assert all(state[n + ".qweight"].dtype == torch.uint8 for n, m in model.named_modules() if m in mods)
+
+
+def test_accelerate_cpu_kernel_option(monkeypatch):
+    layer = make_layer(48, 128, 64, False, False, True, seed=2)
+    if cpu_int4.available()[0]:
+        report = accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_kernel="torch")
+        assert "_weight_int4pack_mm_for_cpu" in next(iter(report.reasons.values()))
+        assert "qweight" in layer._buffers  # torch's kernel keeps the uint8 codes for its dense path
+    report = accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_kernel="native")
+    assert "compress C kernel" in next(iter(report.reasons.values()))
+    with pytest.raises(ConfigError, match="cpu_kernel"):
+        accelerate(nn.Sequential(layer), cpu_kernel="fast")
+    from compress.kernels import dispatch
+
+    monkeypatch.setattr(cpu_native, "available", lambda: (False, "no C compiler found"))
+    with pytest.raises(ConfigError, match="no C compiler"):
+        accelerate(nn.Sequential(layer), cpu_kernel="native")
+    report = accelerate(nn.Sequential(layer), cpu_kernel="auto")  # falls back, and says why
+    reason = next(iter(report.reasons.values()))
+    assert ("no C compiler" in reason) and report.counts() in ({"cpu-int4": 1}, {"dequant-fallback": 1})
+    assert dispatch.CPU_KERNELS == ("auto", "native", "torch")
+
+
+def test_a_layer_neither_cpu_kernel_tiles_falls_back_with_both_reasons():
+    if not cpu_int4.available()[0]:
+        pytest.skip("torch without the CPU int4 kernel")
+    # a group of 24 columns: neither kernel tiles it, so the layer takes the dequantize fallback and
+    # the report gives both reasons
+    layer = make_layer(16, 96, 24, True, False, False)
+    report = accelerate(nn.Sequential(layer), backend="cpu-int4")
+    assert report.counts() == {"dequant-fallback": 1}
+    reason = next(iter(report.reasons.values()))
+    assert "multiple of 16" in reason and "supported group size" in reason
