@@ -1,11 +1,11 @@
-"""CPU: where dequantize + dense GEMM overtakes torch's int4 kernel, by activation rows.
+"""CPU: where dequantize + dense GEMM overtakes the int4 kernels, by activation rows.
 
-``compress.kernels.dispatch.CPU_DENSE_MIN_ROWS`` switches a CPU INT4 layer from the int4 kernel
-(bf16 arithmetic, memory-light) to dequantizing its weight for the call and running a dense GEMM
-(``cpu_int4.dense_linear``; compute-bound shapes), in bf16 where the CPU multiplies bf16 natively
-(AMX / AVX512-BF16) and in float32 otherwise. This times the int4 kernel and both dense variants per
-layer shape and row count, one thread by default, RTN INT4 weights with group 64 (the SmolLM2
-default run), median of ``--repeats`` calls.
+``compress.kernels.dispatch.CPU_DENSE_MIN_ROWS`` switches a CPU INT4 layer from an int4 kernel
+(memory-light) to dequantizing its weight for the call and running a dense GEMM (compute-bound
+shapes), in bf16 where the CPU multiplies bf16 natively (AMX / AVX512-BF16) and in float32 otherwise.
+This times, per layer shape and row count: torch's int4 kernel (bf16), our C kernel (``cpu_native``,
+fp32), dequantize (C) + dense fp32 GEMM, and torch dequantize + dense bf16 GEMM; one thread by
+default, RTN INT4 weights with group 64 (the SmolLM2 default run), median of ``--repeats`` calls.
 
     python bench/cpu_crossover.py                       # SmolLM2-135M shapes, 1 thread
     python bench/cpu_crossover.py --shapes 11008x4096 --rows 8,16,32 --threads 2
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.algos.quant import default_g_idx, rtn_quantize  # noqa: E402
-from compress.kernels import cpu_int4  # noqa: E402
+from compress.kernels import cpu_int4, cpu_native  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -51,24 +51,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [int(r) for r in args.rows.split(",")]
+    native = cpu_native.available()
+    if not native[0]:
+        raise SystemExit(f"the C kernel is unavailable here: {native[1]}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), group {args.group_size}, native bf16 GEMM: "
-          f"{cpu_int4.fast_bf16_matmul()}; ms per call, int4 kernel / dequantize + dense fp32 / dequantize + "
-          "dense bf16 (* marks the fastest dense variant when it beats the int4 kernel)")
-    print(f"{'out x in':>11} " + " ".join(f"{'M=' + str(m):>22}" for m in rows))
+          f"{cpu_int4.fast_bf16_matmul()}, {native[1]}; ms per call: torch int4 / C int4 / dequantize (C) + "
+          "dense fp32 / dequantize + dense bf16 (* marks the fastest)")
+    print(f"{'out x in':>11} " + " ".join(f"{'M=' + str(m):>30}" for m in rows))
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         q, s, z = rtn_quantize(torch.randn(n, k) * 0.02, 4, args.group_size, False)
         g = default_g_idx(k, args.group_size)
         wt = cpu_int4.repack(q, s, z, g, 4, None)
-        dense = {dt: cpu_int4.dense_linear(q, s, z, g, None, dt) for dt in (torch.float32, torch.bfloat16)}
+        wn = cpu_native.repack(q, s, z, g, 4, None)
+        bf16 = cpu_int4.dense_linear(q, s, z, g, None, torch.bfloat16)
+        fns = [lambda x: cpu_int4.int4_matmul(x, wt), lambda x: cpu_native.matmul(x, wn),
+               lambda x: torch.nn.functional.linear(x, cpu_native.dequantize(wn)), bf16]
         cells = []
         for m in rows:
             x = torch.randn(m, k)
-            a = median_ms(lambda: cpu_int4.int4_matmul(x, wt), args.repeats)
-            b, c = (median_ms(lambda f=f: f(x), args.repeats) for f in dense.values())
-            mark = ("*" if b <= c else " ") + ("*" if c < b else " ") if min(b, c) < a else "  "
-            cells.append(f"{a:6.3f}/{b:6.3f}{mark[0]}/{c:6.3f}{mark[1]}")
-        print(f"{shape:>11} " + " ".join(f"{c:>22}" for c in cells), flush=True)
+            t = [median_ms(lambda f=f: f(x), args.repeats) for f in fns]
+            best = min(range(len(t)), key=t.__getitem__)
+            cells.append("/".join(f"{v:6.3f}{'*' if i == best else ''}" for i, v in enumerate(t)))
+        print(f"{shape:>11} " + " ".join(f"{c:>30}" for c in cells), flush=True)
     return 0
 
 

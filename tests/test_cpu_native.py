@@ -67,6 +67,21 @@ def test_native_pack_dequantize_and_codes_round_trip(lib):
     assert torch.allclose(cpu_native.dequantize(wt), layer.dequantize(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("act", [False, True])
+def test_dense_matmul_blocks_are_exact_in_fp32_and_close_in_bf16(monkeypatch, act):
+    layer = make_layer(70, 128, 32, False, act, True, seed=6)
+    wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, layer.bias)
+    x = torch.randn(2, 24, 128)
+    ref = reference(layer, x)
+    whole = cpu_native.dense_matmul(x, wt)
+    monkeypatch.setattr(cpu_native, "DENSE_BLOCK_BYTES", 16 * 128 * 4)  # 16-row blocks, a ragged last one
+    blocked = cpu_native.dense_matmul(x, wt)
+    assert blocked.shape == (2, 24, 70) and blocked.is_contiguous()
+    assert rel_err(whole, ref) < 1e-6 and rel_err(blocked, ref) < 1e-6
+    y = cpu_native.dense_matmul(x, wt, torch.bfloat16)
+    assert y.dtype == torch.float32 and 1e-6 < rel_err(y, ref) < 1e-2  # rounded to bf16, so not exact
+
+
 def test_native_extreme_zero_points_and_scales():
     # zero points 0 and 15 and scales spanning 1e-4..1: the zero-point term is exact in fp32
     layer = make_layer(32, 128, 32, False, False, False, seed=5)

@@ -249,15 +249,19 @@ def test_cpu_backend_runs_prefill_densely_and_decode_on_int4(monkeypatch, kernel
     calls = []
     module, fn = (cpu_int4, "int4_matmul") if kernel == "torch" else (cpu_native, "matmul")
     monkeypatch.setattr(module, fn, lambda x, wt: calls.append(x.shape) or torch.zeros(*x.shape[:-1], 96))
-    big = torch.randn(2, dispatch.CPU_DENSE_MIN_ROWS // 2, 256)  # exactly the threshold: dense fp32
+    rows = dispatch.CPU_DENSE_MIN_ROWS if kernel == "torch" else dispatch.CPU_NATIVE_DENSE_MIN_ROWS
+    assert layer._backend.min_rows == rows
+    big = torch.randn(2, rows // 2, 256)  # exactly the threshold: dense fp32
     assert rel_err(layer(big), reference(layer, big)) < 1e-6 and not calls
     layer(torch.randn(1, 1, 256))  # decode-sized: the int4 kernel
-    assert calls == [(1, 1, 256)]
+    layer(torch.randn(1, rows - 1, 256))
+    assert calls == [(1, 1, 256), (1, rows - 1, 256)]
     # bf16 dense product: its own threshold, bf16-level error, never the int4 kernel
     accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_prefill="bf16", cpu_kernel=kernel)
     assert layer._backend.dense_dtype == torch.bfloat16
     calls.clear()
-    rows = dispatch.CPU_BF16_DENSE_MIN_ROWS
+    rows = layer._backend.min_rows
+    assert rows == min(dispatch.CPU_BF16_DENSE_MIN_ROWS, dispatch.CPU_NATIVE_DENSE_MIN_ROWS if kernel == "native" else 99)
     big = torch.randn(1, rows, 256)
     y = layer(big)
     assert y.dtype == torch.float32 and not calls

@@ -121,7 +121,7 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.c4_pack.restype = None
     lib.c4_unpack.argtypes = [ptr, ptr, i64, i64]
     lib.c4_unpack.restype = None
-    lib.c4_dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.c4_dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.c4_dequant.restype = None
     lib.c4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.c4_gemm.restype = ctypes.c_int
@@ -229,9 +229,51 @@ def matmul(x: torch.Tensor, wt: NativeInt4Weight) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def dequantize(wt: NativeInt4Weight) -> torch.Tensor:
-    """The float32 weight [N, K] in the original column order (the dense prefill path)."""
+def dequantize(wt: NativeInt4Weight, sorted_columns: bool = False) -> torch.Tensor:
+    """The float32 weight [N, K]: in the original column order, or with ``sorted_columns`` in the
+    packed (group-sorted) order that pairs with ``x[..., wt.perm]`` (the dense prefill path: a
+    gather of the activations is cheaper than scattering the weight's columns)."""
     w = torch.empty(wt.out_features, wt.in_features, dtype=torch.float32)
     wt.lib.c4_dequant(wt.packed.data_ptr(), wt.scales.data_ptr(), wt.sz.data_ptr(), wt.out_features,
-                      wt.in_features, wt.group, _ptr(wt.perm), w.data_ptr(), torch.get_num_threads())
-    return w
+                      wt.in_features, wt.group, w.data_ptr(), torch.get_num_threads())
+    if sorted_columns or wt.perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, wt.perm] = w
+    return out
+
+
+#: Rows per block of ``dense_matmul``: about this many bytes of fp32 weight, dequantized into a
+#: buffer that stays in cache just before its GEMM reads it. Dequantizing a whole layer instead wrote
+#: (and page-faulted) every fp32 weight to DRAM on every prefill call: 117 ms of a 653 ms SmolLM2
+#: prefill of 128 tokens. 4 MB blocks were the fastest of 256 KB / 1 MB / 4 MB / whole layers on an
+#: AVX-512 Xeon with 1.25 MB of L2 and 48 MB of L3 per socket, 1 and 2 threads (docs/kernels.md).
+DENSE_BLOCK_BYTES = 1 << 22
+
+
+def dense_matmul(x: torch.Tensor, wt: NativeInt4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` by dense GEMMs over blocks of rows of W, each dequantized just before its
+    GEMM (prefill-sized x). ``dtype``: float32 (exact) or bfloat16 (weight rounded once from the
+    fp32 value, activations rounded, fp32 accumulation in oneDNN). Returns x's dtype."""
+    k, n, g = wt.in_features, wt.out_features, wt.group
+    ng = k // g
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    if wt.perm is not None:  # the packed columns are in group order
+        x2d = x2d.index_select(1, wt.perm)
+    xt = x2d.to(dtype).t()  # [K, M]: each block computes W_blk @ x.T, contiguous rows of y.T
+    yt = torch.empty(n, x2d.shape[0], dtype=dtype)
+    rows = max(16, min(n, DENSE_BLOCK_BYTES // (4 * k)))
+    buf = torch.empty(rows, k, dtype=torch.float32)
+    _, packed, scales, sz, *_ = wt.args
+    threads = torch.get_num_threads()
+    for r0 in range(0, n, rows):
+        r = min(rows, n - r0)
+        wt.lib.c4_dequant(packed + r0 * (k // 2), scales + 4 * r0 * ng, sz + 4 * r0 * ng, r, k, g,
+                          buf.data_ptr(), threads)
+        w = buf[:r] if dtype == torch.float32 else buf[:r].to(dtype)
+        torch.mm(w, xt, out=yt[r0:r0 + r])
+    y = yt.t().to(x.dtype).contiguous()
+    if wt.bias is not None:
+        y += wt.bias.to(x.dtype)
+    return y.reshape(*lead, n)

@@ -130,6 +130,11 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int, pdl: bool = 
 #: (``python bench/cpu_crossover.py``, 1 thread, docs/kernels.md). Was 48 before ``dequantize_weight``
 #: worked in place (dequantization then cost 0.6-2 ms).
 CPU_DENSE_MIN_ROWS = 20
+#: The same switch for our C kernel (``cpu_native``): per row it costs more than torch's kernel past
+#: a few rows (it re-reads x per weight row block), so the dense product overtakes it earlier; on
+#: SmolLM2's layers the two crossed between 8 and 16 rows (``python bench/cpu_crossover.py``, 1
+#: thread, an AVX-512 Xeon, docs/kernels.md).
+CPU_NATIVE_DENSE_MIN_ROWS = 12
 
 
 #: The same switch when the dense product runs in bf16 (``cpu_prefill`` "bf16", or "auto" on a CPU
@@ -157,13 +162,11 @@ def _cpu_backend(mod: QuantizedLinear, dense_dtype: torch.dtype,
 
     min_rows = CPU_BF16_DENSE_MIN_ROWS if dense_dtype == torch.bfloat16 else CPU_DENSE_MIN_ROWS
     if native:
+        min_rows = min(min_rows, CPU_NATIVE_DENSE_MIN_ROWS)
         wt = cpu_native.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.bias)
-        bias = None if mod.bias is None else mod.bias.detach().clone()
 
         def dense(x: torch.Tensor) -> torch.Tensor:
-            w = cpu_native.dequantize(wt).to(dense_dtype)  # exact fp32, rounded once for bf16
-            y = torch.nn.functional.linear(x.to(dense_dtype), w).to(x.dtype)
-            return y if bias is None else y + bias.to(x.dtype)
+            return cpu_native.dense_matmul(x, wt, dense_dtype)
 
         def kernel(x: torch.Tensor) -> torch.Tensor:
             return cpu_native.matmul(x, wt)
@@ -181,6 +184,7 @@ def _cpu_backend(mod: QuantizedLinear, dense_dtype: torch.dtype,
 
     forward.packed = wt
     forward.dense_dtype = dense_dtype
+    forward.min_rows = min_rows
     return forward
 
 

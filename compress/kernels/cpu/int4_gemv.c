@@ -97,28 +97,6 @@ void c4_unpack(const uint8_t *packed, uint8_t *codes, int64_t n, int64_t k) {
     }
 }
 
-/* packed -> float32 weights [N, K] in the packed (group-sorted) column order, or scattered back to
- * the original order when perm is given (w[:, perm[k]] = weight of sorted column k). */
-void c4_dequant(const uint8_t *packed, const float *scales, const float *sz, int64_t n, int64_t k,
-                int64_t g, const int64_t *perm, float *w, int nthreads) {
-    int64_t ng = k / g;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n; r++) {
-        const uint8_t *p = packed + r * (k / 2);
-        float *o = w + r * k;
-        for (int64_t base = 0; base < k; base += 16) {
-            int64_t grp = base / g;
-            const float s = scales[r * ng + grp], b = sz[r * ng + grp];
-            for (int i = 0; i < 16; i++) {
-                int pos = chunk_pos(i);
-                float q = (float)((p[base / 2 + pos / 2] >> (4 * (pos & 1))) & 15);
-                int64_t col = base + i;
-                o[perm ? perm[col] : col] = q * s - b;
-            }
-        }
-    }
-}
-
 /* rows_dot: nr weight rows (row r at p + r * k / 2, its scales at s + r * ng) times mt activation
  * rows (x + m * k); out[r * MT + m] = sum over groups of s * (sum of unpacked values * x). nr and mt are constants
  * at every call site, so the compiler unrolls the r and m loops and keeps the accumulators in
@@ -140,6 +118,13 @@ static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 static inline __m512 unpack16(const uint8_t *p, __m512i rot, __m512i mask, __m512i one) {
     __m512i b = _mm512_set1_epi64(load64(p));
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_rolv_epi32(b, rot), mask, one, 0xEA));
+}
+
+/* 16 weights q * s - b of one chunk to o */
+static inline void dequant16(const uint8_t *p, float s, float b, float *o) {
+    const __m512i rot = _mm512_set_epi32(23, 23, 27, 27, 31, 31, 3, 3, 7, 7, 11, 11, 15, 15, 19, 19);
+    const __m512 v = unpack16(p, rot, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3F800000));
+    _mm512_storeu_ps(o, _mm512_fmadd_ps(v, _mm512_set1_ps(16.f * s), _mm512_set1_ps(-(16.f * s + b))));
 }
 
 static inline __attribute__((always_inline)) void rows_dot(const uint8_t *p, const float *s, int64_t k,
@@ -206,6 +191,15 @@ static inline __attribute__((always_inline)) void rows_dot(const uint8_t *p, con
 #define RMAX 2
 static inline int rows_for(int mt) { return mt == 1 ? 2 : 1; }
 
+static inline void dequant16(const uint8_t *p, float s, float b, float *o) {
+    const __m256i sh = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0), mask = _mm256_set1_epi32(15);
+    const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(-b);
+    for (int h = 0; h < 2; h++) {
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(load32(p + 4 * h)), sh), mask));
+        _mm256_storeu_ps(o + 8 * h, _mm256_fmadd_ps(q, sv, bv));
+    }
+}
+
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -258,6 +252,10 @@ static inline __attribute__((always_inline)) void rows_dot(const uint8_t *p, con
 #define RMAX 1
 static inline int rows_for(int mt) { (void)mt; return 1; }
 
+static inline void dequant16(const uint8_t *p, float s, float b, float *o) {
+    for (int i = 0; i < 16; i++) o[i] = (float)((p[i / 2] >> (4 * (i & 1))) & 15) * s - b;
+}
+
 static inline void rows_dot(const uint8_t *p, const float *s, int64_t k, const float *x, int64_t ng, int64_t g,
                             int nr, int mt, float *out) {
     (void)nr;
@@ -273,6 +271,20 @@ static inline void rows_dot(const uint8_t *p, const float *s, int64_t k, const f
     }
 }
 #endif
+
+/* packed -> float32 weights [N, K] in the packed (group-sorted) column order: the dense prefill
+ * path multiplies them with the activations gathered alike. */
+void c4_dequant(const uint8_t *packed, const float *scales, const float *sz, int64_t n, int64_t k, int64_t g,
+                float *w, int nthreads) {
+    const int64_t ng = k / g;
+    if (nthreads > 1 && n * k < (1 << 17)) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t base = 0; base < k; base += 16) {
+            const int64_t i = r * ng + base / g;
+            dequant16(packed + r * (k / 2) + base / 2, scales[i], sz[i], w + r * k + base);
+        }
+}
 
 /* One call of rows_dot with nr and mt as constants (the switch is what makes them constants). */
 static inline void dispatch(const uint8_t *p, const float *s, int64_t k, const float *x, int64_t ng, int64_t g,
