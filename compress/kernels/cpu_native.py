@@ -261,19 +261,20 @@ def dense_matmul(x: torch.Tensor, wt: NativeInt4Weight, dtype: torch.dtype = tor
     x2d = x.reshape(-1, k)
     if wt.perm is not None:  # the packed columns are in group order
         x2d = x2d.index_select(1, wt.perm)
-    xt = x2d.to(dtype).t()  # [K, M]: each block computes W_blk @ x.T, contiguous rows of y.T
-    yt = torch.empty(n, x2d.shape[0], dtype=dtype)
+    xd = x2d.to(dtype)
     rows = max(16, min(n, DENSE_BLOCK_BYTES // (4 * k)))
     buf = torch.empty(rows, k, dtype=torch.float32)
     _, packed, scales, sz, *_ = wt.args
     threads = torch.get_num_threads()
+    bias = None if wt.bias is None else wt.bias.to(dtype)
+    y = None if rows >= n else torch.empty(x2d.shape[0], n, dtype=dtype)
     for r0 in range(0, n, rows):
         r = min(rows, n - r0)
         wt.lib.c4_dequant(packed + r0 * (k // 2), scales + 4 * r0 * ng, sz + 4 * r0 * ng, r, k, g,
                           buf.data_ptr(), threads)
         w = buf[:r] if dtype == torch.float32 else buf[:r].to(dtype)
-        torch.mm(w, xt, out=yt[r0:r0 + r])
-    y = yt.t().to(x.dtype).contiguous()
-    if wt.bias is not None:
-        y += wt.bias.to(x.dtype)
-    return y.reshape(*lead, n)
+        if y is None:  # one block (most layers): the GEMM writes the output directly
+            y = torch.nn.functional.linear(xd, w, bias)
+        else:  # e.g. a large lm_head: GEMM per block, copied into its columns
+            y[:, r0:r0 + r] = torch.nn.functional.linear(xd, w, None if bias is None else bias[r0:r0 + r])
+    return y.to(x.dtype).reshape(*lead, n)
