@@ -566,11 +566,17 @@ def test_bench_json_contract_on_tiny_checkpoint(tmp_path, capsys):
     for key in ("prefill_ms", "decode_tokens_per_s", "baseline_decode_tokens_per_s", "baseline_prefill_ms"):
         assert out[key] > 0, key
     assert out["kernels"] == {"cpu-int4": 14}
-    assert out["cpu_prefill"] == "auto"
+    assert out["cpu_prefill"] == "auto" and out["cpu_kernel"] == "auto"
+    from compress.kernels import cpu_native
+
+    if cpu_native.available()[0]:  # auto takes the C kernel where it builds, and the JSON says so
+        assert all("compress C kernel" in r for r in out["kernel_reasons"])
     assert out["decode_attention"] == out["baseline_decode_attention"] == 0  # a CUDA kernel: not on the CPU
     assert json.loads((tmp_path / "r.json").read_text())["prompt"] == 8
     with pytest.raises(SystemExit):  # argparse names the allowed values
         parser.parse_args(["bench", str(tmp_path / "ck"), "--cpu-prefill", "fp16"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", str(tmp_path / "ck"), "--cpu-kernel", "fast"])
 
 
 def test_bench_rejects_bad_numbers(tmp_path):

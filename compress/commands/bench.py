@@ -76,6 +76,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     r.add_argument("--cpu-prefill", default="auto", choices=["auto", "bf16", "fp32"],
                    help="CPU INT4 path: arithmetic of the dense product prefill-sized inputs take; auto = bf16 "
                         "where the CPU multiplies bf16 natively (AMX / AVX512-BF16), else fp32 (default: auto)")
+    r.add_argument("--cpu-kernel", default="auto", choices=["auto", "native", "torch"],
+                   help="CPU INT4 path, few activation rows: native = our C kernel (fp32 arithmetic, built for this "
+                        "CPU on first use), torch = torch's int4 kernel (bf16), auto = native where it builds "
+                        "(default: auto)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     o.add_argument("--output", default=None, metavar="FILE", help="also write the JSON object to FILE")
@@ -170,7 +174,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"checkpoint": str(folder), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                               "batch": args.batch, "prompt": args.prompt, "generate": args.generate,
                               "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "inductor_pdl": args.inductor_pdl, "cpu_prefill": args.cpu_prefill}
+                              "inductor_pdl": args.inductor_pdl, "cpu_prefill": args.cpu_prefill,
+                              "cpu_kernel": args.cpu_kernel}
     with torch.inference_mode():
         if quantized:
             from compress.formats import load_quantized
@@ -178,8 +183,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             model, _ = load_quantized(folder, device=str(device), dtype=dtype)
             model.to(device)
             report = accelerate(model, backend=args.backend, fuse=args.fuse, pdl=args.pdl,
-                                cpu_prefill=args.cpu_prefill, fuse_blocks=args.fuse_blocks)
+                                cpu_prefill=args.cpu_prefill, fuse_blocks=args.fuse_blocks,
+                                cpu_kernel=args.cpu_kernel)
             result["kernels"] = report.counts()
+            result["kernel_reasons"] = sorted(set(report.reasons.values()))
             result["fused_groups"] = len(report.fused)
             result["fused_blocks"] = report.fused_blocks
             result["decode_attention"] = _install_attention(model, args, device)
