@@ -50,8 +50,9 @@ def test_native_matches_float64_reference(lib, n, k, gs, sym, act, bias, m):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     y = cpu_native.matmul(x, wt)
     assert y.dtype == torch.float32 and y.shape == (m, n)
-    # fp32 arithmetic throughout: errors at the 1e-7 level, far below torch's bf16 kernel (~3e-3)
-    assert rel_err(y, reference(layer, x)) < 2e-6
+    # fp32 arithmetic throughout: errors at the 1e-6 level (the AVX-512 variant's 1 + q/16 values
+    # cancel against the group sums, a few ulps more than AVX2's), far below torch's bf16 kernel (~3e-3)
+    assert rel_err(y, reference(layer, x)) < 5e-6
     # leading dimensions and other float dtypes round-trip
     x3 = x.reshape(1, m, k).to(torch.bfloat16)
     y3 = cpu_native.matmul(x3, wt)
@@ -62,7 +63,7 @@ def test_native_matches_float64_reference(lib, n, k, gs, sym, act, bias, m):
 def test_native_pack_dequantize_and_codes_round_trip(lib):
     layer = make_layer(40, 96, 32, False, True, True, seed=3)
     wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, layer.bias, lib=lib)
-    assert wt.packed.shape == (40, 48) and wt.packed.dtype == torch.uint8
+    assert wt.packed.shape == (48 * 48,) and wt.packed.dtype == torch.uint8 and wt.rows == 48  # 40 rows padded to 48
     assert torch.equal(wt.restore_codes(), layer.qweight)
     assert torch.allclose(cpu_native.dequantize(wt), layer.dequantize(), rtol=0, atol=1e-6)
 

@@ -121,8 +121,10 @@ def load(march: str = "native") -> ctypes.CDLL:
     lib.c4_pack.restype = None
     lib.c4_unpack.argtypes = [ptr, ptr, i64, i64]
     lib.c4_unpack.restype = None
-    lib.c4_dequant.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
-    lib.c4_dequant.restype = None
+    lib.c4_zero_term.argtypes = [ptr, ptr, ptr, i64]
+    lib.c4_zero_term.restype = None
+    lib.c4_dequant_t.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ctypes.c_int]
+    lib.c4_dequant_t.restype = None
     lib.c4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.c4_gemm.restype = ctypes.c_int
     lib.openmp = openmp
@@ -155,15 +157,22 @@ def unsupported_reason(bits: int, in_features: int, group: int) -> str | None:
 
 @dataclass
 class NativeInt4Weight:
-    packed: torch.Tensor  # uint8 [N, K / 2], chunk order of the compiled ISA
-    scales: torch.Tensor  # float32 [N, K / group]
-    sz: torch.Tensor  # float32 [N, K / group]: scale * zero point
+    """A layer packed for the C kernel. Rows are padded to a multiple of 16 (``rows``); scales and
+    zero-point terms are stored per block of 16 rows and group (``sc``, ``cz``: [rows / 16, groups, 16])."""
+
+    packed: torch.Tensor  # uint8 [rows * K / 2]: blocks of 16 rows, one 8-byte chunk per column
+    sc: torch.Tensor  # float32 [rows / 16, K / group, 16]
+    cz: torch.Tensor  # float32, same shape: the coefficient of a group's activation sum
     group: int
     perm: torch.Tensor | None  # int64 [K]: sorted column -> original column, or None
-    bias: torch.Tensor | None  # float32 [N]
+    bias: torch.Tensor | None  # float32 [rows] (zero-padded)
     in_features: int
     out_features: int
     lib: ctypes.CDLL  # the library that packed it (the chunk order depends on its ISA)
+
+    @property
+    def rows(self) -> int:
+        return self.sc.shape[0] * 16
 
     @property
     def args(self) -> tuple:
@@ -171,20 +180,30 @@ class NativeInt4Weight:
         cached = self.__dict__.get("_args")
         if cached is None:
             cached = self.__dict__["_args"] = (
-                self.in_features, self.packed.data_ptr(), self.scales.data_ptr(), self.sz.data_ptr(),
-                self.out_features, self.group, _ptr(self.perm), _ptr(self.bias))
+                self.in_features, self.packed.data_ptr(), self.sc.data_ptr(), self.cz.data_ptr(),
+                self.rows, self.group, _ptr(self.perm), _ptr(self.bias))
         return cached
 
     def restore_codes(self) -> torch.Tensor:
         """The uint8 codes [N, K] in the original column order, exactly as packed."""
-        n, k = self.out_features, self.in_features
-        codes = torch.empty(n, k, dtype=torch.uint8)
-        self.lib.c4_unpack(self.packed.data_ptr(), codes.data_ptr(), n, k)
+        k = self.in_features
+        codes = torch.empty(self.rows, k, dtype=torch.uint8)
+        self.lib.c4_unpack(self.packed.data_ptr(), codes.data_ptr(), self.rows, k)
+        codes = codes[: self.out_features]
         if self.perm is None:
-            return codes
+            return codes.contiguous()
         out = torch.empty_like(codes)
         out[:, self.perm] = codes
         return out
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _blocked(t: torch.Tensor) -> torch.Tensor:
+    """[rows, groups] -> [rows / 16, groups, 16] contiguous (the kernel loads 16 rows' values at once)."""
+    return t.reshape(-1, 16, t.shape[1]).transpose(1, 2).contiguous()
 
 
 def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
@@ -197,20 +216,29 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
     reason = unsupported_reason(bits, k, order.group_size)
     if reason:
         raise ValueError(reason)
-    codes = layout.ordered_codes(qweight, order).to(device="cpu", dtype=torch.uint8).contiguous()
-    s = scales.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    packed = torch.empty(n, k // 2, dtype=torch.uint8)
-    lib.c4_pack(codes.data_ptr(), packed.data_ptr(), n, k)
+    rows = -(-n // 16) * 16  # padded rows: code 0, scale 0, so they compute 0 and are cut off
+    codes = _pad_rows(layout.ordered_codes(qweight, order).to(device="cpu", dtype=torch.uint8), rows).contiguous()
+    packed = torch.empty(rows * k // 2, dtype=torch.uint8)
+    lib.c4_pack(codes.data_ptr(), packed.data_ptr(), rows, k)
+    s = _pad_rows(scales.detach().to(device="cpu", dtype=torch.float32), rows)
+    sz = s * _pad_rows(zeros.detach().to(device="cpu", dtype=torch.float32), rows)
+    sc, szb = _blocked(s), _blocked(sz)
+    cz = torch.empty_like(sc)
+    lib.c4_zero_term(sc.data_ptr(), szb.data_ptr(), cz.data_ptr(), sc.numel())
     return NativeInt4Weight(
-        packed=packed, scales=s, sz=(s * zeros.detach().to(device="cpu", dtype=torch.float32)).contiguous(),
-        group=order.group_size,
+        packed=packed, sc=sc, cz=cz, group=order.group_size,
         perm=None if order.perm is None else order.perm.to(torch.int64).contiguous(),
-        bias=None if bias is None else bias.detach().to(torch.float32).contiguous(),
+        bias=None if bias is None else _pad_rows(bias.detach().to(device="cpu", dtype=torch.float32), rows).contiguous(),
         in_features=k, out_features=n, lib=lib)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _cut(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Drop the padded output columns."""
+    return y if y.shape[-1] == n else y[..., :n].contiguous()
 
 
 def matmul(x: torch.Tensor, wt: NativeInt4Weight) -> torch.Tensor:
@@ -219,23 +247,31 @@ def matmul(x: torch.Tensor, wt: NativeInt4Weight) -> torch.Tensor:
     x2d = x.reshape(-1, wt.in_features)
     if x2d.dtype != torch.float32 or not x2d.is_contiguous():
         x2d = x2d.to(torch.float32).contiguous()
-    y = torch.empty(x2d.shape[0], wt.out_features, dtype=torch.float32)
-    k, packed, scales, sz, n, g, perm, bias = wt.args
+    k, packed, sc, cz, rows, g, perm, bias = wt.args
+    y = torch.empty(x2d.shape[0], rows, dtype=torch.float32)
     # decode calls this ~200 times a token: the weight's pointers are computed once (wt.args)
-    if wt.lib.c4_gemm(x2d.data_ptr(), x2d.shape[0], k, packed, scales, sz, n, g, perm, bias, y.data_ptr(),
+    if wt.lib.c4_gemm(x2d.data_ptr(), x2d.shape[0], k, packed, sc, cz, rows, g, perm, bias, y.data_ptr(),
                       torch.get_num_threads()):
         raise MemoryError("c4_gemm could not allocate its activation scratch")
-    y = y.reshape(*lead, wt.out_features)
+    y = _cut(y, wt.out_features).reshape(*lead, wt.out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _dequant_t(wt: NativeInt4Weight, r0: int, r: int, out: torch.Tensor) -> None:
+    """Rows r0 .. r0 + r (multiples of 16) of the weight, transposed, into out [K, r] (group-sorted
+    columns)."""
+    _, packed, sc, cz, *_ = wt.args
+    ng = wt.in_features // wt.group
+    wt.lib.c4_dequant_t(packed + r0 * (wt.in_features // 2), sc + 4 * r0 * ng, cz + 4 * r0 * ng, r,
+                        wt.in_features, wt.group, out.data_ptr(), r, torch.get_num_threads())
 
 
 def dequantize(wt: NativeInt4Weight, sorted_columns: bool = False) -> torch.Tensor:
     """The float32 weight [N, K]: in the original column order, or with ``sorted_columns`` in the
-    packed (group-sorted) order that pairs with ``x[..., wt.perm]`` (the dense prefill path: a
-    gather of the activations is cheaper than scattering the weight's columns)."""
-    w = torch.empty(wt.out_features, wt.in_features, dtype=torch.float32)
-    wt.lib.c4_dequant(wt.packed.data_ptr(), wt.scales.data_ptr(), wt.sz.data_ptr(), wt.out_features,
-                      wt.in_features, wt.group, w.data_ptr(), torch.get_num_threads())
+    packed (group-sorted) order that pairs with ``x[..., wt.perm]``."""
+    w_t = torch.empty(wt.in_features, wt.rows, dtype=torch.float32)
+    _dequant_t(wt, 0, wt.rows, w_t)
+    w = w_t.t()[: wt.out_features].contiguous()
     if sorted_columns or wt.perm is None:
         return w
     out = torch.empty_like(w)
@@ -252,29 +288,26 @@ DENSE_BLOCK_BYTES = 1 << 22
 
 
 def dense_matmul(x: torch.Tensor, wt: NativeInt4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` by dense GEMMs over blocks of rows of W, each dequantized just before its
-    GEMM (prefill-sized x). ``dtype``: float32 (exact) or bfloat16 (weight rounded once from the
-    fp32 value, activations rounded, fp32 accumulation in oneDNN). Returns x's dtype."""
-    k, n, g = wt.in_features, wt.out_features, wt.group
-    ng = k // g
+    """``x @ W.T (+ bias)`` by dense GEMMs over blocks of rows of W, each dequantized (transposed)
+    just before its GEMM (prefill-sized x). ``dtype``: float32 (exact) or bfloat16 (weight rounded
+    once from the fp32 value, activations rounded, fp32 accumulation in oneDNN). Returns x's dtype."""
+    k, n = wt.in_features, wt.rows
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k)
     if wt.perm is not None:  # the packed columns are in group order
         x2d = x2d.index_select(1, wt.perm)
     xd = x2d.to(dtype)
-    rows = max(16, min(n, DENSE_BLOCK_BYTES // (4 * k)))
-    buf = torch.empty(rows, k, dtype=torch.float32)
-    _, packed, scales, sz, *_ = wt.args
-    threads = torch.get_num_threads()
+    rows = min(n, max(16, DENSE_BLOCK_BYTES // (4 * k) // 16 * 16))
+    buf = torch.empty(k * rows, dtype=torch.float32)
     bias = None if wt.bias is None else wt.bias.to(dtype)
     y = None if rows >= n else torch.empty(x2d.shape[0], n, dtype=dtype)
     for r0 in range(0, n, rows):
         r = min(rows, n - r0)
-        wt.lib.c4_dequant(packed + r0 * (k // 2), scales + 4 * r0 * ng, sz + 4 * r0 * ng, r, k, g,
-                          buf.data_ptr(), threads)
-        w = buf[:r] if dtype == torch.float32 else buf[:r].to(dtype)
+        w = buf[: k * r].view(k, r)
+        _dequant_t(wt, r0, r, w)
+        w = w if dtype == torch.float32 else w.to(dtype)
         if y is None:  # one block (most layers): the GEMM writes the output directly
-            y = torch.nn.functional.linear(xd, w, bias)
+            y = torch.mm(xd, w) if bias is None else torch.addmm(bias, xd, w)
         else:  # e.g. a large lm_head: GEMM per block, copied into its columns
-            y[:, r0:r0 + r] = torch.nn.functional.linear(xd, w, None if bias is None else bias[r0:r0 + r])
-    return y.to(x.dtype).reshape(*lead, n)
+            y[:, r0:r0 + r] = torch.mm(xd, w) if bias is None else torch.addmm(bias[r0:r0 + r], xd, w)
+    return _cut(y.to(x.dtype), wt.out_features).reshape(*lead, wt.out_features)

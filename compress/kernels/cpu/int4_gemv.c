@@ -6,19 +6,21 @@
  *
  * Weights: codes q in [0, 15] (any bits <= 4), groups of G adjacent columns (act-order columns are
  * sorted by group at load and x gathered with `perm`), per row and group an fp32 scale s and the
- * fp32 product sz = s * z of scale and zero point: w = (q - z) * s = q * s - sz. Codes are packed
- * two per byte in 16-code chunks (8 bytes); the order of codes inside a chunk is the one the vector
- * unpack below produces (c4_pack writes it).
+ * fp32 product sz = s * z of scale and zero point: w = (q - z) * s = q * s - sz.
+ *
+ * Layout (outer product): output rows in blocks of 16 ("channels"); for block b and column k one
+ * 8-byte chunk holds the 16 channels' codes, chunks of a block stored along k. So one vector holds
+ * 16 channels at one column and y += w * broadcast(x[k]): no horizontal sums, and every activation
+ * row reuses the unpacked vector. Scales are stored per block and group as 16 floats (sc), and so
+ * is the zero-point term (cz, below). N is padded to a multiple of 16 (zero scales).
  *
  * AVX-512 unpack, per 16 codes: one 64-bit broadcast load, one variable rotate that brings code i
  * to bits 19..22 of lane i, one ternary-logic op that masks it and ORs in the exponent of 1.0f. Lane
- * i then holds the float 1 + q_i / 16 exactly, with no int->float conversion. So per group
- *     sum_k w_k x_k = s * sum_k q_k x_k - sz * xsum = 16 s * acc - (16 s + sz) * xsum,
- * where acc = sum_k (1 + q_k / 16) x_k and xsum = sum_k x_k over the group (computed once per call).
- * That is 3 vector ops per 16 weights, all on ports 0/5. The vector loop accumulates s * acc; the
- * xsum term is one short dot product per row after it (UNPACK_SCALE, UNPACK_BIAS below).
- *
- * AVX2 / plain C: code j of a chunk sits in nibble j (low nibble first); shift, mask, convert.
+ * i then holds the float v = 1 + q_i / 16 exactly, with no int->float conversion. Per group
+ *     sum_k w_k x_k = s * sum_k q_k x_k - sz * xsum = 16 * (s * acc - cz * xsum),
+ * with acc = sum_k v_k x_k, xsum = sum_k x_k over the group (once per call) and cz = s + sz / 16.
+ * AVX2 / plain C: code i of a chunk sits in nibble i (low nibble first); shift, mask, convert; the
+ * unpacked value is q, and cz = sz, UNPACK_SCALE = 1.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,35 +36,30 @@
 static inline long long load64(const uint8_t *p) { long long v; memcpy(&v, p, 8); return v; }
 static inline int load32(const uint8_t *p) { int v; memcpy(&v, p, 4); return v; }
 
-/* Software prefetch of the codes PF_BLOCKS row blocks ahead: on weights streaming from L3/DRAM it
- * took a 16384x1536 layer from 2.3 to 1.3 ms (one thread, the hardware prefetchers alone lag) */
-#ifndef PF_BLOCKS
-#define PF_BLOCKS 2
+#define MT 4 /* activation rows per pass over the weights */
+/* Software prefetch distance, in columns (8 bytes each) of a block's code stream; past a block's end
+ * it reaches into the next block, which is where the stream goes next. The hardware prefetchers
+ * alone lagged on weights streaming from L3/DRAM (one thread). */
+#ifndef PF_COLS
+#define PF_COLS 256
 #endif
-#define MT 4        /* activation rows per pass over a weight row */
-#define ROW_BLOCK 8 /* weight rows per OpenMP work item */
 
 #if defined(__AVX512F__)
 #define UNPACK_SCALE 16.f /* the unpacked value is 1 + q / 16 */
-#define UNPACK_BIAS 16.f
-#else
-#define UNPACK_SCALE 1.f /* the unpacked value is q */
-#define UNPACK_BIAS 0.f
-#endif
-
-int c4_isa(void) {
-#if defined(__AVX512F__)
-    return 512;
+#define ISA 512
 #elif defined(__AVX2__) && defined(__FMA__)
-    return 256;
+#define UNPACK_SCALE 1.f
+#define ISA 256
 #else
-    return 0;
+#define UNPACK_SCALE 1.f
+#define ISA 0
 #endif
-}
 
-/* Nibble position of code i (0..15) inside its 64-bit chunk. */
+int c4_isa(void) { return ISA; }
+
+/* Nibble position of channel i (0..15) inside its chunk. */
 static inline int chunk_pos(int i) {
-#if defined(__AVX512F__)
+#if ISA == 512
     /* qword broadcast: dword lane i reads dword (i & 1); the rotate takes nibble i >> 1 of it */
     return 8 * (i & 1) + (i >> 1);
 #else
@@ -70,277 +67,220 @@ static inline int chunk_pos(int i) {
 #endif
 }
 
-/* codes [N, K] uint8 (values < 16) -> packed [N, K / 2] bytes; K % 16 == 0. */
+/* codes [N, K] uint8 (values < 16; N % 16 == 0) -> packed [N / 16][K][8 bytes]. */
 void c4_pack(const uint8_t *codes, uint8_t *out, int64_t n, int64_t k) {
+    memset(out, 0, (size_t)(n * k / 2));
     for (int64_t r = 0; r < n; r++) {
-        const uint8_t *c = codes + r * k;
-        uint8_t *o = out + r * (k / 2);
-        memset(o, 0, (size_t)(k / 2));
-        for (int64_t base = 0; base < k; base += 16)
-            for (int i = 0; i < 16; i++) {
-                int p = chunk_pos(i);
-                o[base / 2 + p / 2] |= (uint8_t)((c[base + i] & 15) << (4 * (p & 1)));
-            }
+        const int p = chunk_pos((int)(r & 15));
+        uint8_t *o = out + (r / 16) * k * 8 + p / 2;
+        for (int64_t c = 0; c < k; c++) o[c * 8] |= (uint8_t)((codes[r * k + c] & 15) << (4 * (p & 1)));
     }
 }
 
 /* The inverse of c4_pack. */
 void c4_unpack(const uint8_t *packed, uint8_t *codes, int64_t n, int64_t k) {
     for (int64_t r = 0; r < n; r++) {
-        const uint8_t *p = packed + r * (k / 2);
-        uint8_t *c = codes + r * k;
-        for (int64_t base = 0; base < k; base += 16)
-            for (int i = 0; i < 16; i++) {
-                int pos = chunk_pos(i);
-                c[base + i] = (p[base / 2 + pos / 2] >> (4 * (pos & 1))) & 15;
-            }
+        const int p = chunk_pos((int)(r & 15));
+        const uint8_t *o = packed + (r / 16) * k * 8 + p / 2;
+        for (int64_t c = 0; c < k; c++) codes[r * k + c] = (o[c * 8] >> (4 * (p & 1))) & 15;
     }
 }
 
-/* rows_dot: nr weight rows (row r at p + r * k / 2, its scales at s + r * ng) times mt activation
- * rows (x + m * k); out[r * MT + m] = sum over groups of s * (sum of unpacked values * x). nr and mt are constants
- * at every call site, so the compiler unrolls the r and m loops and keeps the accumulators in
- * registers. Several rows at once give independent FMA chains (one row alone waits on FMA latency)
- * and share each activation load. */
-#if defined(__AVX512F__)
-#define RMAX 4
-static inline int rows_for(int mt) { return mt == 1 ? 4 : 2; }
-
-/* [sum(a), sum(b), sum(c), sum(d)] */
-static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
-    const __m256 ab = _mm256_hadd_ps(HALVES(a), HALVES(b)), cd = _mm256_hadd_ps(HALVES(c), HALVES(d));
-#undef HALVES
-    const __m256 abcd = _mm256_hadd_ps(ab, cd);
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+/* The per-channel coefficient of xsum: cz = s + sz / 16 (AVX-512) or sz. */
+void c4_zero_term(const float *s, const float *sz, float *cz, int64_t count) {
+    for (int64_t i = 0; i < count; i++) cz[i] = ISA == 512 ? s[i] + sz[i] / 16.f : sz[i];
 }
 
-static inline __m512 unpack16(const uint8_t *p, __m512i rot, __m512i mask, __m512i one) {
-    __m512i b = _mm512_set1_epi64(load64(p));
-    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_rolv_epi32(b, rot), mask, one, 0xEA));
-}
+#if ISA == 512
+#define NBMAX 4
+static inline int blocks_for(int mt) { return mt <= 2 ? 4 : 2; }
 
-/* 16 weights q * s - b of one chunk to o */
-static inline void dequant16(const uint8_t *p, float s, float b, float *o) {
+static inline __m512 unpack16(const uint8_t *p) {
     const __m512i rot = _mm512_set_epi32(23, 23, 27, 27, 31, 31, 3, 3, 7, 7, 11, 11, 15, 15, 19, 19);
-    const __m512 v = unpack16(p, rot, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3F800000));
-    _mm512_storeu_ps(o, _mm512_fmadd_ps(v, _mm512_set1_ps(16.f * s), _mm512_set1_ps(-(16.f * s + b))));
+    const __m512i b = _mm512_set1_epi64(load64(p));
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_rolv_epi32(b, rot), _mm512_set1_epi32(0x00780000),
+                                                         _mm512_set1_epi32(0x3F800000), 0xEA));
 }
 
-static inline __attribute__((always_inline)) void rows_dot(const uint8_t *p, const float *s, int64_t k,
-                                                           const float *x, int64_t ng, int64_t g, int nr, int mt,
-                                                           float *out) {
-    const __m512i rot = _mm512_set_epi32(23, 23, 27, 27, 31, 31, 3, 3, 7, 7, 11, 11, 15, 15, 19, 19);
-    const __m512i mask = _mm512_set1_epi32(0x00780000), one = _mm512_set1_epi32(0x3F800000);
-    const int64_t rb = k / 2;
-    __m512 tot[RMAX][MT];
-    for (int r = 0; r < nr; r++)
-        for (int m = 0; m < mt; m++) tot[r][m] = _mm512_setzero_ps();
-    /* FMA latency: fewer than 4 (row, activation row) pairs take two accumulator chains each (more
-     * chains measured no faster at 4 pairs: the unpack, not the FMA latency, bounds it there) */
-    const int two = nr * mt < 4;
+/* 16 weights (one chunk: 16 channels, one column) to o[0..15] */
+static inline void dequant16(const uint8_t *p, const float *s, const float *cz, float *o) {
+    const __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(s), _mm512_set1_ps(16.f));
+    _mm512_storeu_ps(o, _mm512_fmsub_ps(unpack16(p), sv, _mm512_mul_ps(_mm512_loadu_ps(cz), _mm512_set1_ps(16.f))));
+}
+
+/* nb channel blocks (block j: codes p + j * k * 8, scales / cz sc + j * ng * 16) times mt activation
+ * rows (x + m * k, group sums xs + m * ng) -> y + m * ldy + 16 j (16 channels each, bias added).
+ * nb and mt are constants at every call site (see run_blocks), so the loops unroll into registers;
+ * with one or two activation rows, even and odd columns take separate accumulators (FMA latency). */
+static inline __attribute__((always_inline)) void blocks_dot(const uint8_t *p, const float *sc, const float *cz,
+                                                             const float *x, const float *xs, const float *bias,
+                                                             int64_t k, int64_t ng, int64_t g, int nb, int mt,
+                                                             float *y, int64_t ldy) {
+    __m512 tot[NBMAX][MT];
+    const int two = mt <= 2;
+    for (int j = 0; j < nb; j++)
+        for (int m = 0; m < mt; m++) tot[j][m] = _mm512_setzero_ps();
     for (int64_t grp = 0; grp < ng; grp++) {
-        __m512 a0[RMAX][MT], a1[RMAX][MT];
-        for (int r = 0; r < nr; r++)
-            for (int m = 0; m < mt; m++) { a0[r][m] = _mm512_setzero_ps(); a1[r][m] = _mm512_setzero_ps(); }
+        __m512 a0[NBMAX][MT], a1[NBMAX][MT];
+        for (int j = 0; j < nb; j++)
+            for (int m = 0; m < mt; m++) { a0[j][m] = _mm512_setzero_ps(); a1[j][m] = _mm512_setzero_ps(); }
         const int64_t k0 = grp * g;
-        int64_t c = 0;
-        for (; c + 32 <= g; c += 32) {
-            __m512 w0[RMAX], w1[RMAX];
-            if (((k0 + c) & 127) == 0)  /* once per 64-byte line: the same line PF_BLOCKS row blocks on */
-                for (int r = 0; r < nr; r++)
-                    _mm_prefetch((const char *)(p + (r + PF_BLOCKS * nr) * rb + (k0 + c) / 2), _MM_HINT_T0);
-            for (int r = 0; r < nr; r++) {
-                w0[r] = unpack16(p + r * rb + (k0 + c) / 2, rot, mask, one);
-                w1[r] = unpack16(p + r * rb + (k0 + c) / 2 + 8, rot, mask, one);
+        for (int64_t c = k0; c < k0 + g; c += 2) {
+            __m512 w0[NBMAX], w1[NBMAX];
+            if ((c & 7) == 0)  /* once per 64-byte line of each block's stream: the line PF_COLS on */
+                for (int j = 0; j < nb; j++) _mm_prefetch((const char *)(p + (j * k + c + PF_COLS) * 8), _MM_HINT_T0);
+            for (int j = 0; j < nb; j++) {
+                w0[j] = unpack16(p + (j * k + c) * 8);
+                w1[j] = unpack16(p + (j * k + c + 1) * 8);
             }
             for (int m = 0; m < mt; m++) {
-                const __m512 x0 = _mm512_loadu_ps(x + m * k + k0 + c), x1 = _mm512_loadu_ps(x + m * k + k0 + c + 16);
-                for (int r = 0; r < nr; r++) {
-                    a0[r][m] = _mm512_fmadd_ps(w0[r], x0, a0[r][m]);
-                    if (two) a1[r][m] = _mm512_fmadd_ps(w1[r], x1, a1[r][m]);
-                    else a0[r][m] = _mm512_fmadd_ps(w1[r], x1, a0[r][m]);
+                const __m512 x0 = _mm512_set1_ps(x[m * k + c]), x1 = _mm512_set1_ps(x[m * k + c + 1]);
+                for (int j = 0; j < nb; j++) {
+                    a0[j][m] = _mm512_fmadd_ps(w0[j], x0, a0[j][m]);
+                    if (two) a1[j][m] = _mm512_fmadd_ps(w1[j], x1, a1[j][m]);
+                    else a0[j][m] = _mm512_fmadd_ps(w1[j], x1, a0[j][m]);
                 }
             }
         }
-        for (; c < g; c += 16)
-            for (int r = 0; r < nr; r++) {
-                const __m512 w0 = unpack16(p + r * rb + (k0 + c) / 2, rot, mask, one);
-                for (int m = 0; m < mt; m++)
-                    a0[r][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * k + k0 + c), a0[r][m]);
+        for (int j = 0; j < nb; j++) {
+            const __m512 s = _mm512_loadu_ps(sc + (j * ng + grp) * 16), z = _mm512_loadu_ps(cz + (j * ng + grp) * 16);
+            for (int m = 0; m < mt; m++) {
+                const __m512 a = two ? _mm512_add_ps(a0[j][m], a1[j][m]) : a0[j][m];
+                tot[j][m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs[m * ng + grp]), _mm512_fmadd_ps(a, s, tot[j][m]));
             }
-        for (int r = 0; r < nr; r++) {
-            const __m512 sv = _mm512_set1_ps(s[r * ng + grp]);
-            for (int m = 0; m < mt; m++)
-                tot[r][m] = _mm512_fmadd_ps(two ? _mm512_add_ps(a0[r][m], a1[r][m]) : a0[r][m], sv, tot[r][m]);
         }
     }
-    /* horizontal sums four at a time (accumulator i is row i / mt, activation row i % mt) */
-    const int cnt = nr * mt;
-    int i = 0;
-    for (; i + 4 <= cnt; i += 4) {
-        float v[4];
-        _mm_storeu_ps(v, reduce4(tot[i / mt][i % mt], tot[(i + 1) / mt][(i + 1) % mt],
-                                 tot[(i + 2) / mt][(i + 2) % mt], tot[(i + 3) / mt][(i + 3) % mt]));
-        for (int j = 0; j < 4; j++) out[((i + j) / mt) * MT + (i + j) % mt] = v[j];
-    }
-    for (; i < cnt; i++) out[(i / mt) * MT + i % mt] = _mm512_reduce_add_ps(tot[i / mt][i % mt]);
-}
-
-#elif defined(__AVX2__) && defined(__FMA__)
-#define RMAX 2
-static inline int rows_for(int mt) { return mt == 1 ? 2 : 1; }
-
-static inline void dequant16(const uint8_t *p, float s, float b, float *o) {
-    const __m256i sh = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0), mask = _mm256_set1_epi32(15);
-    const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(-b);
-    for (int h = 0; h < 2; h++) {
-        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(load32(p + 4 * h)), sh), mask));
-        _mm256_storeu_ps(o + 8 * h, _mm256_fmadd_ps(q, sv, bv));
+    for (int j = 0; j < nb; j++) {
+        const __m512 b = bias ? _mm512_loadu_ps(bias + 16 * j) : _mm512_setzero_ps();
+        for (int m = 0; m < mt; m++)
+            _mm512_storeu_ps(y + m * ldy + 16 * j, _mm512_fmadd_ps(tot[j][m], _mm512_set1_ps(UNPACK_SCALE), b));
     }
 }
 
-static inline float hsum(__m256 v) {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    a = _mm_add_ss(a, _mm_movehdup_ps(a));
-    return _mm_cvtss_f32(a);
-}
+#elif ISA == 256
+#define NBMAX 2
+static inline int blocks_for(int mt) { return mt <= 2 ? 2 : 1; }
 
-static inline __attribute__((always_inline)) void rows_dot(const uint8_t *p, const float *s, int64_t k,
-                                                           const float *x, int64_t ng, int64_t g, int nr, int mt,
-                                                           float *out) {
+static inline __m256 unpack8(const uint8_t *p) {
     const __m256i sh = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
-    const __m256i mask = _mm256_set1_epi32(15);
-    const int64_t rb = k / 2;
-    __m256 tot[RMAX][MT];
-    for (int r = 0; r < nr; r++)
-        for (int m = 0; m < mt; m++) tot[r][m] = _mm256_setzero_ps();
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(load32(p)), sh), _mm256_set1_epi32(15)));
+}
+
+static inline void dequant16(const uint8_t *p, const float *s, const float *cz, float *o) {
+    for (int h = 0; h < 2; h++)
+        _mm256_storeu_ps(o + 8 * h, _mm256_fmsub_ps(unpack8(p + 4 * h), _mm256_loadu_ps(s + 8 * h), _mm256_loadu_ps(cz + 8 * h)));
+}
+
+static inline __attribute__((always_inline)) void blocks_dot(const uint8_t *p, const float *sc, const float *cz,
+                                                             const float *x, const float *xs, const float *bias,
+                                                             int64_t k, int64_t ng, int64_t g, int nb, int mt,
+                                                             float *y, int64_t ldy) {
+    __m256 tot[NBMAX][2][MT];  /* [block][half of the 16 channels][activation row] */
+    for (int j = 0; j < nb; j++)
+        for (int h = 0; h < 2; h++)
+            for (int m = 0; m < mt; m++) tot[j][h][m] = _mm256_setzero_ps();
     for (int64_t grp = 0; grp < ng; grp++) {
-        __m256 a0[RMAX][MT], a1[RMAX][MT];
-        for (int r = 0; r < nr; r++)
-            for (int m = 0; m < mt; m++) { a0[r][m] = _mm256_setzero_ps(); a1[r][m] = _mm256_setzero_ps(); }
+        __m256 a[NBMAX][2][MT];
+        for (int j = 0; j < nb; j++)
+            for (int h = 0; h < 2; h++)
+                for (int m = 0; m < mt; m++) a[j][h][m] = _mm256_setzero_ps();
         const int64_t k0 = grp * g;
-        for (int64_t c = 0; c < g; c += 16) {
-            __m256 w0[RMAX], w1[RMAX];
-            if (((k0 + c) & 127) == 0)
-                for (int r = 0; r < nr; r++)
-                    _mm_prefetch((const char *)(p + (r + PF_BLOCKS * nr) * rb + (k0 + c) / 2), _MM_HINT_T0);
-            for (int r = 0; r < nr; r++) {
-                const uint8_t *pp = p + r * rb + (k0 + c) / 2;
-                w0[r] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(load32(pp)), sh), mask));
-                w1[r] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(load32(pp + 4)), sh), mask));
-            }
+        for (int64_t c = k0; c < k0 + g; c++) {
+            __m256 w[NBMAX][2];
+            if ((c & 7) == 0)
+                for (int j = 0; j < nb; j++) _mm_prefetch((const char *)(p + (j * k + c + PF_COLS) * 8), _MM_HINT_T0);
+            for (int j = 0; j < nb; j++)
+                for (int h = 0; h < 2; h++) w[j][h] = unpack8(p + (j * k + c) * 8 + 4 * h);
             for (int m = 0; m < mt; m++) {
-                const __m256 x0 = _mm256_loadu_ps(x + m * k + k0 + c), x1 = _mm256_loadu_ps(x + m * k + k0 + c + 8);
-                for (int r = 0; r < nr; r++) {
-                    a0[r][m] = _mm256_fmadd_ps(w0[r], x0, a0[r][m]);
-                    a1[r][m] = _mm256_fmadd_ps(w1[r], x1, a1[r][m]);
-                }
+                const __m256 xv = _mm256_set1_ps(x[m * k + c]);
+                for (int j = 0; j < nb; j++)
+                    for (int h = 0; h < 2; h++) a[j][h][m] = _mm256_fmadd_ps(w[j][h], xv, a[j][h][m]);
             }
         }
-        for (int r = 0; r < nr; r++) {
-            const __m256 sv = _mm256_set1_ps(s[r * ng + grp]);
-            for (int m = 0; m < mt; m++) tot[r][m] = _mm256_fmadd_ps(_mm256_add_ps(a0[r][m], a1[r][m]), sv, tot[r][m]);
-        }
+        for (int j = 0; j < nb; j++)
+            for (int h = 0; h < 2; h++) {
+                const __m256 s = _mm256_loadu_ps(sc + (j * ng + grp) * 16 + 8 * h);
+                const __m256 z = _mm256_loadu_ps(cz + (j * ng + grp) * 16 + 8 * h);
+                for (int m = 0; m < mt; m++)
+                    tot[j][h][m] = _mm256_fnmadd_ps(z, _mm256_set1_ps(xs[m * ng + grp]), _mm256_fmadd_ps(a[j][h][m], s, tot[j][h][m]));
+            }
     }
-    for (int r = 0; r < nr; r++)
-        for (int m = 0; m < mt; m++) out[r * MT + m] = hsum(tot[r][m]);
+    for (int j = 0; j < nb; j++)
+        for (int h = 0; h < 2; h++) {
+            const __m256 b = bias ? _mm256_loadu_ps(bias + 16 * j + 8 * h) : _mm256_setzero_ps();
+            for (int m = 0; m < mt; m++) _mm256_storeu_ps(y + m * ldy + 16 * j + 8 * h, _mm256_add_ps(tot[j][h][m], b));
+        }
 }
 
 #else
-#define RMAX 1
-static inline int rows_for(int mt) { (void)mt; return 1; }
+#define NBMAX 1
+static inline int blocks_for(int mt) { (void)mt; return 1; }
 
-static inline void dequant16(const uint8_t *p, float s, float b, float *o) {
-    for (int i = 0; i < 16; i++) o[i] = (float)((p[i / 2] >> (4 * (i & 1))) & 15) * s - b;
+static inline void dequant16(const uint8_t *p, const float *s, const float *cz, float *o) {
+    for (int i = 0; i < 16; i++) o[i] = (float)((p[i / 2] >> (4 * (i & 1))) & 15) * s[i] - cz[i];
 }
 
-static inline void rows_dot(const uint8_t *p, const float *s, int64_t k, const float *x, int64_t ng, int64_t g,
-                            int nr, int mt, float *out) {
-    (void)nr;
-    for (int m = 0; m < mt; m++) {
-        float tot = 0.f;
-        for (int64_t grp = 0; grp < ng; grp++) {
-            float acc = 0.f;
-            for (int64_t c = grp * g; c < (grp + 1) * g; c++)
-                acc += (float)((p[c / 2] >> (4 * (c & 1))) & 15) * x[m * k + c];
-            tot += s[grp] * acc;
+static inline void blocks_dot(const uint8_t *p, const float *sc, const float *cz, const float *x, const float *xs,
+                              const float *bias, int64_t k, int64_t ng, int64_t g, int nb, int mt, float *y,
+                              int64_t ldy) {
+    (void)nb;
+    for (int m = 0; m < mt; m++)
+        for (int i = 0; i < 16; i++) {
+            float tot = 0.f;
+            for (int64_t grp = 0; grp < ng; grp++) {
+                float acc = 0.f;
+                for (int64_t c = grp * g; c < (grp + 1) * g; c++)
+                    acc += (float)((p[c * 8 + i / 2] >> (4 * (i & 1))) & 15) * x[m * k + c];
+                tot += sc[grp * 16 + i] * acc - cz[grp * 16 + i] * xs[m * ng + grp];
+            }
+            y[m * ldy + i] = tot + (bias ? bias[i] : 0.f);
         }
-        out[m] = tot;
-    }
 }
 #endif
 
-/* packed -> float32 weights [N, K] in the packed (group-sorted) column order: the dense prefill
- * path multiplies them with the activations gathered alike. */
-void c4_dequant(const uint8_t *packed, const float *scales, const float *sz, int64_t n, int64_t k, int64_t g,
-                float *w, int nthreads) {
-    const int64_t ng = k / g;
-    if (nthreads > 1 && n * k < (1 << 17)) nthreads = 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t base = 0; base < k; base += 16) {
-            const int64_t i = r * ng + base / g;
-            dequant16(packed + r * (k / 2) + base / 2, scales[i], sz[i], w + r * k + base);
-        }
-}
-
-/* One call of rows_dot with nr and mt as constants (the switch is what makes them constants). */
-static inline void dispatch(const uint8_t *p, const float *s, int64_t k, const float *x, int64_t ng, int64_t g,
-                            int nr, int mt, float *out) {
-#define CASE(R, M) \
-    if (nr == R && mt == M) { rows_dot(p, s, k, x, ng, g, R, M, out); return; }
+/* One blocks_dot call with nb and mt as constants (the switch is what makes them constants). */
+static void run_blocks(const uint8_t *p, const float *sc, const float *cz, const float *x, const float *xs,
+                       const float *bias, int64_t k, int64_t ng, int64_t g, int nb, int mt, float *y, int64_t ldy) {
+#define CASE(B, M) \
+    if (nb == B && mt == M) { blocks_dot(p, sc, cz, x, xs, bias, k, ng, g, B, M, y, ldy); return; }
     CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4)
-#if RMAX >= 2
+#if NBMAX >= 2
     CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
 #endif
-#if RMAX >= 4
-    CASE(4, 1)
+#if NBMAX >= 4
+    CASE(4, 1) CASE(4, 2)
 #endif
 #undef CASE
-    for (int r = 0; r < nr; r++)  /* not reached: rows_for only asks for the cases above */
-        rows_dot(p + r * (k / 2), s + r * ng, k, x, ng, g, 1, mt, out + r * MT);
+    for (int j = 0; j < nb; j++)  /* not reached: blocks_for only asks for the cases above */
+        blocks_dot(p + j * k * 8, sc + j * ng * 16, cz + j * ng * 16, x, xs, bias ? bias + 16 * j : NULL, k, ng, g,
+                   1, mt, y + 16 * j, ldy);
 }
 
-/* Rows r0..r1 of y; xs: group sums of x. The xsum term per row: sum_g (UNPACK_BIAS * s + sz) * xs. */
-static void row_block(const uint8_t *packed, const float *scales, const float *sz, const float *x,
-                      int64_t m, int64_t k, int64_t g, const float *xs, const float *bias, float *y,
-                      int64_t n, int64_t r0, int64_t r1) {
-    const int64_t ng = k / g;
-    float out[RMAX * MT];
-    for (int64_t m0 = 0; m0 < m; m0 += MT) {
-        const int mt = (int)(m - m0 < MT ? m - m0 : MT);
-        const int want = rows_for(mt);
-        for (int64_t r = r0; r < r1;) {
-            const int nr = r1 - r >= want ? want : 1;
-            dispatch(packed + r * (k / 2), scales + r * ng, k, x + m0 * k, ng, g, nr, mt, out);
-            for (int i = 0; i < nr; i++) {
-                const float *si = scales + (r + i) * ng, *zi = sz + (r + i) * ng;
-                for (int j = 0; j < mt; j++) {
-                    const float *xj = xs + (m0 + j) * ng;
-                    float off = 0.f;
-                    for (int64_t grp = 0; grp < ng; grp++) off += (UNPACK_BIAS * si[grp] + zi[grp]) * xj[grp];
-                    y[(m0 + j) * n + r + i] = UNPACK_SCALE * out[i * MT + j] - off + (bias ? bias[r + i] : 0.f);
-                }
-            }
-            r += nr;
+/* packed -> float32 weights, transposed: w[c * ldw + r] for rows r < n (n % 16 == 0) and columns c
+ * in the packed (group-sorted) order; x @ w is then the layer's product (the dense prefill path). */
+void c4_dequant_t(const uint8_t *packed, const float *sc, const float *cz, int64_t n, int64_t k, int64_t g,
+                  float *w, int64_t ldw, int nthreads) {
+    const int64_t ng = k / g, nblk = n / 16;
+    if (nthreads > 1 && n * k < (1 << 17)) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nblk; b++)
+        for (int64_t c = 0; c < k; c++) {
+            const int64_t i = (b * ng + c / g) * 16;
+            dequant16(packed + (b * k + c) * 8, sc + i, cz + i, w + c * ldw + 16 * b);
         }
-    }
 }
 
-/* y [M, N] = x [M, K] @ W.T (+ bias). x is read in the original column order; with perm (int64,
- * the group-sorted order) it is gathered first. Returns 0, or -1 when out of memory. */
-int c4_gemm(const float *x, int64_t m, int64_t k, const uint8_t *packed, const float *scales,
-            const float *sz, int64_t n, int64_t g, const int64_t *perm, const float *bias, float *y,
-            int nthreads) {
+/* y [M, N] = x [M, K] @ W.T (+ bias), N % 16 == 0 (the caller pads). x is read in the original
+ * column order; with perm (int64, the group-sorted order) it is gathered first. Returns 0, or -1
+ * when out of memory. */
+int c4_gemm(const float *x, int64_t m, int64_t k, const uint8_t *packed, const float *sc, const float *cz,
+            int64_t n, int64_t g, const int64_t *perm, const float *bias, float *y, int nthreads) {
     const int64_t ng = k / g;
-    float *buf = NULL;
-    const float *xp = x;
     float *xs = (float *)malloc(sizeof(float) * (size_t)(m * ng + (perm ? m * k : 0)));
     if (!xs) return -1;
+    const float *xp = x;
     if (perm) {
-        buf = xs + m * ng;
+        float *buf = xs + m * ng;
         for (int64_t i = 0; i < m; i++)
             for (int64_t c = 0; c < k; c++) buf[i * k + c] = x[i * k + perm[c]];
         xp = buf;
@@ -351,13 +291,23 @@ int c4_gemm(const float *x, int64_t m, int64_t k, const uint8_t *packed, const f
             for (int64_t c = grp * g; c < (grp + 1) * g; c++) acc += xp[i * k + c];
             xs[i * ng + grp] = acc;
         }
-    const int64_t blocks = (n + ROW_BLOCK - 1) / ROW_BLOCK;
+    const int64_t nblk = n / 16, step = NBMAX;
+    const int64_t items = (nblk + step - 1) / step;
     /* small layers: a parallel region costs more than it saves */
     if (nthreads > 1 && n * k * (m < MT ? m : MT) < (1 << 17)) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        int64_t r0 = blk * ROW_BLOCK, r1 = r0 + ROW_BLOCK < n ? r0 + ROW_BLOCK : n;
-        row_block(packed, scales, sz, xp, m, k, g, xs, bias, y, n, r0, r1);
+    for (int64_t it = 0; it < items; it++) {
+        const int64_t b1 = (it + 1) * step < nblk ? (it + 1) * step : nblk;
+        for (int64_t m0 = 0; m0 < m; m0 += MT) {
+            const int mt = (int)(m - m0 < MT ? m - m0 : MT);
+            const int want = blocks_for(mt);
+            for (int64_t b = it * step; b < b1;) {
+                const int nb = b1 - b >= want ? want : 1;
+                run_blocks(packed + b * k * 8, sc + b * ng * 16, cz + b * ng * 16, xp + m0 * k, xs + m0 * ng,
+                           bias ? bias + 16 * b : NULL, k, ng, g, nb, mt, y + m0 * n + 16 * b, n);
+                b += nb;
+            }
+        }
     }
     free(xs);
     return 0;
