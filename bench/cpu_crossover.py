@@ -4,7 +4,8 @@
 (memory-light) to dequantizing its weight for the call and running a dense GEMM (compute-bound
 shapes), in bf16 where the CPU multiplies bf16 natively (AMX / AVX512-BF16) and in float32 otherwise.
 This times, per layer shape and row count: torch's int4 kernel (bf16), our C kernel (``cpu_native``,
-fp32), dequantize (C) + dense fp32 GEMM, and torch dequantize + dense bf16 GEMM; one thread by
+fp32), the C kernel's dense path (``cpu_native.dense_matmul``: blocks dequantized in C + fp32 GEMM),
+and torch dequantize + dense bf16 GEMM (``cpu_int4.dense_linear``); one thread by
 default, RTN INT4 weights with group 64 (the SmolLM2 default run), median of ``--repeats`` calls.
 
     python bench/cpu_crossover.py                       # SmolLM2-135M shapes, 1 thread
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the C kernel is unavailable here: {native[1]}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), group {args.group_size}, native bf16 GEMM: "
           f"{cpu_int4.fast_bf16_matmul()}, {native[1]}; ms per call: torch int4 / C int4 / dequantize (C) + "
-          "dense fp32 / dequantize + dense bf16 (* marks the fastest)")
+          "dense fp32 / torch dequantize + dense bf16 (* marks the fastest)")
     print(f"{'out x in':>11} " + " ".join(f"{'M=' + str(m):>30}" for m in rows))
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -64,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         g = default_g_idx(k, args.group_size)
         wt = cpu_int4.repack(q, s, z, g, 4, None)
         wn = cpu_native.repack(q, s, z, g, 4, None)
+        scratch = cpu_native.Scratch()  # as accelerate() gives each model
         bf16 = cpu_int4.dense_linear(q, s, z, g, None, torch.bfloat16)
         fns = [lambda x: cpu_int4.int4_matmul(x, wt), lambda x: cpu_native.matmul(x, wn),
-               lambda x: torch.nn.functional.linear(x, cpu_native.dequantize(wn)), bf16]
+               lambda x: cpu_native.dense_matmul(x, wn, torch.float32, scratch), bf16]
         cells = []
         for m in rows:
             x = torch.randn(m, k)

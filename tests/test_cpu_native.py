@@ -129,7 +129,7 @@ def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
 
 def test_accelerate_prefers_the_c_kernel_and_releases_the_codes(caplog):
     model = tiny_quantized_model(act_order=True)
-    ids, long_ids = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 40))
+    ids, long_ids = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 64))
     with torch.no_grad():
         ref, ref_long = model(ids).logits, model(long_ids).logits
         with caplog.at_level(logging.WARNING, logger="compress.kernels.dispatch"):

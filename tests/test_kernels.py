@@ -219,13 +219,13 @@ def tiny_quantized_model(gs: int = 64, device: str = "cpu", act_order: bool = Fa
 @pytest.mark.skipif(not cpu_int4.available()[0], reason="torch without the CPU int4 kernel")
 def test_accelerate_auto_on_cpu_installs_cpu_int4_and_says_so(caplog):
     model = tiny_quantized_model()
-    ids, long_ids = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 40))
+    ids, long_ids = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 64))
     with torch.no_grad():
         ref, ref_long = model(ids).logits, model(long_ids).logits
         with caplog.at_level(logging.WARNING, logger="compress.kernels.dispatch"):
             report = accelerate(model, cpu_prefill="fp32")
         fast = model(ids).logits
-        dense = model(long_ids).logits  # past CPU_DENSE_MIN_ROWS: dequantized, exact fp32
+        dense = model(long_ids).logits  # past the dense thresholds: dequantized, exact fp32
     assert report.counts() == {"cpu-int4": 14}
     assert report.fused_blocks == 0 and "CUDA kernel" in report.fused_blocks_reason  # a GPU-only fusion
     assert any("cpu-int4" in r.message for r in caplog.records)
@@ -261,7 +261,7 @@ def test_cpu_backend_runs_prefill_densely_and_decode_on_int4(monkeypatch, kernel
     assert layer._backend.dense_dtype == torch.bfloat16
     calls.clear()
     rows = layer._backend.min_rows
-    assert rows == min(dispatch.CPU_BF16_DENSE_MIN_ROWS, dispatch.CPU_NATIVE_DENSE_MIN_ROWS if kernel == "native" else 99)
+    assert rows == dispatch.CPU_BF16_DENSE_MIN_ROWS
     big = torch.randn(1, rows, 256)
     y = layer(big)
     assert y.dtype == torch.float32 and not calls

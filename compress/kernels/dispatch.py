@@ -130,11 +130,11 @@ def _triton_backend(mod: QuantizedLinear, large_m: str, width: int, pdl: bool = 
 #: (``python bench/cpu_crossover.py``, 1 thread, docs/kernels.md). Was 48 before ``dequantize_weight``
 #: worked in place (dequantization then cost 0.6-2 ms).
 CPU_DENSE_MIN_ROWS = 20
-#: The same switch for our C kernel (``cpu_native``): per row it costs more than torch's kernel past
-#: a few rows (it re-reads x per weight row block), so the dense product overtakes it earlier; on
-#: SmolLM2's layers the two crossed between 8 and 16 rows (``python bench/cpu_crossover.py``, 1
-#: thread, an AVX-512 Xeon, docs/kernels.md).
-CPU_NATIVE_DENSE_MIN_ROWS = 12
+#: The same switch for our C kernel (``cpu_native``) and its dense path (dequantized blocks + fp32
+#: GEMM): on SmolLM2's layers the two were even at 48 rows, the C kernel ahead below (``python
+#: bench/cpu_crossover.py``, 1 thread, an AVX-512 Xeon, 2026-12-06; docs/kernels.md). Where the
+#: dense product runs in bf16 (AMX machines) CPU_BF16_DENSE_MIN_ROWS applies to both kernels.
+CPU_NATIVE_DENSE_MIN_ROWS = 48
 
 
 #: The same switch when the dense product runs in bf16 (``cpu_prefill`` "bf16", or "auto" on a CPU
@@ -154,19 +154,19 @@ def _cpu_prefill_dtype(cpu_prefill: str) -> torch.dtype:
     return torch.bfloat16 if cpu_prefill == "bf16" else torch.float32
 
 
-def _cpu_backend(mod: QuantizedLinear, dense_dtype: torch.dtype,
-                 native: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def _cpu_backend(mod: QuantizedLinear, dense_dtype: torch.dtype, native: bool,
+                 scratch: Any = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The cpu-int4 forward: the C kernel (``native``) or torch's int4 kernel for few activation rows,
     dequantize + dense GEMM for prefill-sized inputs."""
     from compress.kernels import cpu_int4, cpu_native
 
-    min_rows = CPU_BF16_DENSE_MIN_ROWS if dense_dtype == torch.bfloat16 else CPU_DENSE_MIN_ROWS
+    min_rows = (CPU_BF16_DENSE_MIN_ROWS if dense_dtype == torch.bfloat16
+                else CPU_NATIVE_DENSE_MIN_ROWS if native else CPU_DENSE_MIN_ROWS)
     if native:
-        min_rows = min(min_rows, CPU_NATIVE_DENSE_MIN_ROWS)
         wt = cpu_native.repack(mod.qweight, mod.scales, mod.zeros, mod.g_idx, mod.bits, mod.bias)
 
         def dense(x: torch.Tensor) -> torch.Tensor:
-            return cpu_native.dense_matmul(x, wt, dense_dtype)
+            return cpu_native.dense_matmul(x, wt, dense_dtype, scratch)
 
         def kernel(x: torch.Tensor) -> torch.Tensor:
             return cpu_native.matmul(x, wt)
@@ -188,12 +188,13 @@ def _cpu_backend(mod: QuantizedLinear, dense_dtype: torch.dtype,
     return forward
 
 
-def _cpu_layer(mod: QuantizedLinear, dense_dtype: torch.dtype, native: tuple[bool, str]) -> Callable:
-    """The C kernel where it can take this layer, else torch's kernel (``native_why`` says why)."""
+def _cpu_layer(mod: QuantizedLinear, dense_dtype: torch.dtype, native: tuple[bool, str], scratch: Any) -> Callable:
+    """The C kernel where it can take this layer, else torch's kernel (``native_why`` says why).
+    ``scratch``: the model's shared buffer for dequantized prefill blocks (``cpu_native.Scratch``)."""
     why = native[1]
     if native[0]:
         try:
-            fn = _cpu_backend(mod, dense_dtype, True)
+            fn = _cpu_backend(mod, dense_dtype, True, scratch)
             fn.native_why = ""
             return fn
         except ValueError as e:  # e.g. a group width the C kernel does not tile
@@ -296,6 +297,11 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
     wants_cpu = backend in ("auto", "cpu-int4") and any(
         not m.qweight.is_cuda for m in model.modules() if isinstance(m, QuantizedLinear))
     native = _cpu_kernel_status(cpu_kernel) if wants_cpu else (False, "not requested")
+    scratch = None
+    if native[0]:
+        from compress.kernels import cpu_native
+
+        scratch = cpu_native.Scratch()  # one dequantization buffer for all of this model's layers
     dense_dtype = _cpu_prefill_dtype(cpu_prefill)  # cpu-int4 layers' prefill arithmetic, asked once
     report = AccelerationReport(requested=backend)
     from compress.kernels import fused_block
@@ -329,7 +335,7 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
                 # the packed words hold the codes: free the uint8 copy (see the module docstring)
                 mod.release_codes(fn.restore_codes)
             elif path == "cpu-int4":
-                fn = _cpu_layer(mod, dense_dtype, native)
+                fn = _cpu_layer(mod, dense_dtype, native, scratch)
                 mod.set_backend(fn)
                 if hasattr(fn.packed, "restore_codes"):  # the C kernel's packed copy holds the codes
                     mod.release_codes(fn.packed.restore_codes)

@@ -262,12 +262,15 @@ void c4_dequant_t(const uint8_t *packed, const float *sc, const float *cz, int64
                   float *w, int64_t ldw, int nthreads) {
     const int64_t ng = k / g, nblk = n / 16;
     if (nthreads > 1 && n * k < (1 << 17)) nthreads = 1;
+    /* tiles of 8 columns: one 64-byte line of each block's codes in, 8 output rows written along
+     * (block-major order wrote one line per output row and page per store: 50x slower) */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < nblk; b++)
-        for (int64_t c = 0; c < k; c++) {
-            const int64_t i = (b * ng + c / g) * 16;
-            dequant16(packed + (b * k + c) * 8, sc + i, cz + i, w + c * ldw + 16 * b);
-        }
+    for (int64_t c0 = 0; c0 < k; c0 += 8)
+        for (int64_t b = 0; b < nblk; b++)
+            for (int64_t c = c0; c < c0 + 8 && c < k; c++) {
+                const int64_t i = (b * ng + c / g) * 16;
+                dequant16(packed + (b * k + c) * 8, sc + i, cz + i, w + c * ldw + 16 * b);
+            }
 }
 
 /* y [M, N] = x [M, K] @ W.T (+ bias), N % 16 == 0 (the caller pads). x is read in the original
