@@ -177,3 +177,18 @@ def test_a_layer_neither_cpu_kernel_tiles_falls_back_with_both_reasons():
     assert report.counts() == {"dequant-fallback": 1}
     reason = next(iter(report.reasons.values()))
     assert "multiple of 16" in reason and "supported group size" in reason
+
+
+def test_c_kernel_is_one_opaque_op_under_torch_compile():
+    # ctypes cannot be traced: under compilation the installed forward calls the custom op
+    # compress::cpu_int4_linear (fake implementation for the shapes), so the graph does not break
+    layer = make_layer(48, 128, 64, False, True, True, seed=8)
+    accelerate(nn.Sequential(layer), backend="cpu-int4", cpu_kernel="native", cpu_prefill="fp32")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
+    for rows in (1, 64):  # the kernel and the dense path, both behind the op
+        x = torch.randn(1, rows, 128)
+        with torch.no_grad():
+            y = compiled(x)
+        assert y.shape == (1, rows, 48)
+        assert rel_err(y, reference(layer, x)) < 5e-6
+    torch._dynamo.reset()

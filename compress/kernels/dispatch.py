@@ -177,11 +177,24 @@ def _cpu_backend(mod: QuantizedLinear, dense_dtype: torch.dtype, native: bool,
         def kernel(x: torch.Tensor) -> torch.Tensor:
             return cpu_int4.int4_matmul(x, wt)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def eager(x: torch.Tensor) -> torch.Tensor:
         if x.numel() >= min_rows * x.shape[-1]:  # prefill: compute-bound, a dense GEMM is faster
             return dense(x)
         return kernel(x)
 
+    if not native:
+        forward = eager
+    else:  # the C kernel is called through ctypes, which Dynamo cannot trace: a custom op under compile
+        from compress.kernels import ops
+
+        handle, out_features = ops.register(eager), mod.out_features
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling():
+                return torch.ops.compress.cpu_int4_linear(x, handle, out_features)
+            return eager(x)
+
+        forward.eager = eager  # keeps the registered closure alive as long as the layer's forward
     forward.packed = wt
     forward.dense_dtype = dense_dtype
     forward.min_rows = min_rows

@@ -82,3 +82,16 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.T
       scaling: float, handle: int) -> torch.Tensor:
     b, h, _, d = query.shape
     return query.new_empty((b, 1, h, d))
+
+
+@torch.library.custom_op("compress::cpu_int4_linear", mutates_args=())
+def cpu_int4_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """A CPU INT4 layer's eager forward registered as ``handle`` (``dispatch._cpu_backend``: the C
+    kernel, or its dense path for prefill-sized x), as one opaque node under ``torch.compile``."""
+    return _registered(handle, "cpu_int4_linear", "CPU INT4 layer", "accelerate")(x)
+
+
+@cpu_int4_linear.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
