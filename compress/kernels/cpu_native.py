@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -34,6 +35,8 @@ from pathlib import Path
 import torch
 
 from compress.kernels import layout
+
+log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu") / "int4_gemv.c"
 FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11")
@@ -109,6 +112,7 @@ def load(march: str = "native") -> ctypes.CDLL:
         path = _cache_dir() / f"int4_gemv-{key}.so"
         try:
             if not path.exists():
+                log.info("building the CPU INT4 kernel (once per machine and -march=%s): %s", march, path)
                 _build(cc, path, march, openmp)
             lib = ctypes.CDLL(str(path))
             break
