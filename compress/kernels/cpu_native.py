@@ -13,9 +13,15 @@ which is the runtime torch's CPU build already loaded, so both share one thread 
 runs ``torch.get_num_threads()`` threads. No compiler, or a failed build: ``available()`` says why and
 callers use torch's kernel instead.
 
-Layout (``repack``): columns sorted by group (``layout.contiguous_group_order``), codes packed two per
-byte in 16-code chunks in the order the compiled ISA unpacks (``c4_pack``), fp32 scales and fp32
-scale * zero point. Groups must be a multiple of 16 columns. Codes of fewer than 4 bits run unchanged.
+Layout (``repack``): columns sorted by group (``layout.contiguous_group_order``); rows padded to a
+multiple of 16 and taken 16 at a time, one 8-byte chunk per column holding those rows' codes in the
+order the compiled ISA unpacks (``c4_pack``), so the kernel computes 16 outputs per vector without
+horizontal sums; fp32 scales and zero-point terms as 16-float vectors per row block and group.
+Groups must be a multiple of 16 columns. Codes of fewer than 4 bits run unchanged.
+
+Prefill-sized inputs take ``dense_matmul`` (blocks of the weight dequantized just before their GEMM);
+``dispatch`` picks by row count. Under ``torch.compile`` the installed forward is the custom op
+``compress::cpu_int4_linear`` (``ops.py``).
 """
 from __future__ import annotations
 
