@@ -53,6 +53,7 @@ def test_native_matches_float64_reference(lib, n, k, gs, sym, act, bias, m):
     # fp32 arithmetic throughout: errors at the 1e-6 level (the AVX-512 variant's 1 + q/16 values
     # cancel against the group sums, a few ulps more than AVX2's), far below torch's bf16 kernel (~3e-3)
     assert rel_err(y, reference(layer, x)) < 5e-6
+    assert cpu_native.matmul(x[:0], wt).shape == (0, n)  # an empty batch is not an error
     # leading dimensions and other float dtypes round-trip
     x3 = x.reshape(1, m, k).to(torch.bfloat16)
     y3 = cpu_native.matmul(x3, wt)

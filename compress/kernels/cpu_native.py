@@ -254,17 +254,18 @@ def _cut(y: torch.Tensor, n: int) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, wt: NativeInt4Weight) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for x [..., K] of any float dtype, computed in fp32; returns x's dtype."""
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, wt.in_features)
-    if x2d.dtype != torch.float32 or not x2d.is_contiguous():
-        x2d = x2d.to(torch.float32).contiguous()
+    # decode calls this ~200 times a token, so the host work is kept to a few tensor calls: the
+    # weight's pointers are computed once (wt.args) and the output is allocated in its final shape
     k, packed, sc, cz, rows, g, perm, bias = wt.args
-    y = torch.empty(x2d.shape[0], rows, dtype=torch.float32)
-    # decode calls this ~200 times a token: the weight's pointers are computed once (wt.args)
-    if wt.lib.c4_gemm(x2d.data_ptr(), x2d.shape[0], k, packed, sc, cz, rows, g, perm, bias, y.data_ptr(),
-                      torch.get_num_threads()):
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    m = xf.numel() // k
+    n = wt.out_features
+    y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
+    if m and wt.lib.c4_gemm(xf.data_ptr(), m, k, packed, sc, cz, rows, g, perm, bias, y.data_ptr(),
+                            torch.get_num_threads()):
         raise MemoryError("c4_gemm could not allocate its activation scratch")
-    y = _cut(y, wt.out_features).reshape(*lead, wt.out_features)
+    if rows != n:  # padded rows (out_features not a multiple of 16)
+        y = y[..., :n].contiguous()
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
