@@ -1,0 +1,68 @@
+"""Does ``torch.compile`` shorten a CPU decode step? Eager vs compiled, the fp32 model or its INT4 version.
+
+Why: with our C kernel, the quantized layers take well under half of SmolLM2's eager one-token step
+on the CPU (``bench/e2e_decode.py cpu`` prints the split); the rest is transformers' Python and small
+ops, which Inductor could compile away. The INT4 layers enter the compiled graph as the custom op
+``compress::cpu_int4_linear`` (Python-dispatched). Static KV cache (``gpu_timing._Steps``), inputs
+made inside inference mode, best of 3 rounds of ``--steps`` one-token steps after a 128-token prompt.
+The first compile takes minutes on 2 cores (Inductor's FX graph cache makes reruns faster).
+
+    python bench/cpu_compile_probe.py --threads 1            # fp32 model
+    python bench/cpu_compile_probe.py --threads 1 --int4     # RTN INT4 g64 decoder layers, C kernel
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compress.kernels import accelerate  # noqa: E402
+from compress.kernels.gpu_timing import _Steps  # noqa: E402
+from e2e_decode import SMOLLM2, quantize_linears  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=SMOLLM2)
+    ap.add_argument("--int4", action="store_true", help="RTN INT4 g64 decoder layers on accelerate's CPU path")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=32)
+    args = ap.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tag = "fp32"
+    if args.int4:
+        quantize_linears(model, 64, True)
+        accelerate(model, backend="cpu-int4")
+        tag = "int4"
+    with torch.inference_mode():
+        ids = torch.randint(0, int(model.config.vocab_size), (1, 128), generator=torch.Generator().manual_seed(0))
+        for mode in ("eager", "compile"):
+            torch._dynamo.reset()
+            steps = _Steps(model, ids, args.steps + 8, torch.compile(model, dynamic=False) if mode == "compile" else None)
+            t0 = time.perf_counter()
+            for _ in range(2):  # the cache's first use and both input shapes compile here
+                steps.prefill()
+                steps.step()
+            warm = time.perf_counter() - t0
+            best = float("inf")
+            for _ in range(3):
+                steps.prefill()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    steps.step()
+                best = min(best, (time.perf_counter() - t0) / args.steps)
+            print(f"{tag} {mode:7}: warm-up {warm:6.1f} s, decode {best * 1e3:6.2f} ms/token", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
