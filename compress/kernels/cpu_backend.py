@@ -88,6 +88,7 @@ def backend(mod: QuantizedLinear, dense_dtype: torch.dtype, native: bool,
             return eager(x)
 
         forward.eager = eager  # keeps the registered closure alive as long as the layer's forward
+        forward.restore_codes = wt.restore_codes  # the packed copy holds the codes (as on the GPU)
     forward.packed = wt
     forward.dense_dtype = dense_dtype
     forward.min_rows = min_rows
@@ -96,13 +97,15 @@ def backend(mod: QuantizedLinear, dense_dtype: torch.dtype, native: bool,
 
 def cpu_layer(mod: QuantizedLinear, dense_dtype: torch.dtype, native: tuple[bool, str],
               scratch: Any) -> Callable:
-    """The C kernel where it can take this layer, else torch's kernel (``native_why`` says why).
-    ``scratch``: the model's shared buffer for dequantized prefill blocks (``cpu_native.Scratch``)."""
+    """The C kernel where it can take this layer, else torch's kernel; ``reason`` on the returned
+    forward says which, and why not the C kernel. ``native``: ``kernel_status``'s answer.
+    ``scratch``: the model's shared buffer for dequantized prefill blocks (``cpu_native.Scratch``).
+    Raises ValueError when neither kernel can take the layer."""
     why = native[1]
     if native[0]:
         try:
             fn = backend(mod, dense_dtype, True, scratch)
-            fn.native_why = ""
+            fn.reason = native[1]
             return fn
         except ValueError as e:  # e.g. a group width the C kernel does not tile
             why = f"C kernel cannot run this layer: {e}"
@@ -115,7 +118,7 @@ def cpu_layer(mod: QuantizedLinear, dense_dtype: torch.dtype, native: tuple[bool
         fn = backend(mod, dense_dtype, False)
     except ValueError as e:
         raise ValueError(f"{e}; {why}") from e
-    fn.native_why = why
+    fn.reason = f"torch _weight_int4pack_mm_for_cpu, bf16 activations ({why})"
     return fn
 
 

@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -185,27 +185,20 @@ class NativeInt4Weight:
     def rows(self) -> int:
         return self.sc.shape[0] * 16
 
-    @property
-    def args(self) -> tuple:
-        """c4_gemm's weight arguments (pointers into the tensors above, which this object keeps alive)."""
-        cached = self.__dict__.get("_args")
-        if cached is None:
-            cached = self.__dict__["_args"] = (
-                self.in_features, self.packed.data_ptr(), self.sc.data_ptr(), self.cz.data_ptr(),
-                self.rows, self.group, _ptr(self.perm), _ptr(self.bias))
-        return cached
+    #: c4_gemm's weight arguments: pointers into the tensors above (which this object keeps alive),
+    #: computed once because decode passes them ~200 times a token
+    args: tuple = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.args = (self.in_features, self.packed.data_ptr(), self.sc.data_ptr(), self.cz.data_ptr(),
+                     self.rows, self.group, _ptr(self.perm), _ptr(self.bias))
 
     def restore_codes(self) -> torch.Tensor:
         """The uint8 codes [N, K] in the original column order, exactly as packed."""
         k = self.in_features
         codes = torch.empty(self.rows, k, dtype=torch.uint8)
         self.lib.c4_unpack(self.packed.data_ptr(), codes.data_ptr(), self.rows, k)
-        codes = codes[: self.out_features]
-        if self.perm is None:
-            return codes.contiguous()
-        out = torch.empty_like(codes)
-        out[:, self.perm] = codes
-        return out
+        return layout.original_order(codes[: self.out_features].contiguous(), self.perm)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -248,7 +241,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _cut(y: torch.Tensor, n: int) -> torch.Tensor:
-    """Drop the padded output columns."""
+    """Drop the padded output columns (rows of W past out_features, a multiple of 16)."""
     return y if y.shape[-1] == n else y[..., :n].contiguous()
 
 
@@ -259,13 +252,11 @@ def matmul(x: torch.Tensor, wt: NativeInt4Weight) -> torch.Tensor:
     k, packed, sc, cz, rows, g, perm, bias = wt.args
     xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
     m = xf.numel() // k
-    n = wt.out_features
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
     if m and wt.lib.c4_gemm(xf.data_ptr(), m, k, packed, sc, cz, rows, g, perm, bias, y.data_ptr(),
                             torch.get_num_threads()):
         raise MemoryError("c4_gemm could not allocate its activation scratch")
-    if rows != n:  # padded rows (out_features not a multiple of 16)
-        y = y[..., :n].contiguous()
+    y = _cut(y, wt.out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -284,11 +275,7 @@ def dequantize(wt: NativeInt4Weight, sorted_columns: bool = False) -> torch.Tens
     w_t = torch.empty(wt.in_features, wt.rows, dtype=torch.float32)
     _dequant_t(wt, 0, wt.rows, w_t)
     w = w_t.t()[: wt.out_features].contiguous()
-    if sorted_columns or wt.perm is None:
-        return w
-    out = torch.empty_like(w)
-    out[:, wt.perm] = w
-    return out
+    return w if sorted_columns else layout.original_order(w, wt.perm)
 
 
 #: Rows per block of ``dense_matmul``: about this many bytes of fp32 weight, dequantized into a

@@ -22,11 +22,12 @@ none. A named backend that cannot serve a layer falls back for that layer. Every
 logged as a WARNING naming it and the reason, and the returned ``AccelerationReport`` lists it per
 layer.
 
-On the GPU paths and the C kernel's CPU path the packed words hold the codes, so the layer's uint8 ``qweight`` (1 byte per
-weight) is released (``QuantizedLinear.release_codes``). Whatever reads ``qweight`` later gets it
-back, rebuilt exactly, on first access and keeps it: the dequantize forward (``set_backend(None)``,
-e.g. a reference check), ``dequantize()`` (``compress bench`` densifying for its baseline),
-checkpoint writers and ``state_dict()``, and another ``accelerate`` call.
+On the GPU paths and the C kernel's CPU path the packed words hold the codes, so the layer's uint8
+``qweight`` (1 byte per weight) is released (``QuantizedLinear.release_codes``). Whatever reads
+``qweight`` later gets it back, rebuilt exactly, on first access and keeps it: the dequantize
+forward (``set_backend(None)``, e.g. a reference check), ``dequantize()`` (``compress bench``
+densifying for its baseline), checkpoint writers and ``state_dict()``, and another ``accelerate``
+call.
 
 Note: the packed copies live in the installed closure, not in the module's buffers: call
 ``accelerate`` after the model is on its final device, and again after moving it (released codes do
@@ -139,11 +140,9 @@ def _choose(mod: QuantizedLinear, backend: str, triton_ok: tuple[bool, str],
         return "triton", "GPU W4A16"  # renamed by the kernel the layer was packed for (_gpu_path)
     if on_cuda:
         return "dequant-fallback", "cpu-int4 needs the layer on the CPU"
-    if native[0]:
-        return "cpu-int4", native[1]
-    if not cpu_ok[0]:
+    if not native[0] and not cpu_ok[0]:
         return "dequant-fallback", f"{cpu_ok[1]}; C kernel: {native[1]}"
-    return "cpu-int4", f"torch _weight_int4pack_mm_for_cpu, bf16 activations ({native[1]})"
+    return "cpu-int4", "CPU INT4 kernel"  # the installed forward names which (cpu_backend.cpu_layer)
 
 
 def _gpu_path(kernel: str) -> tuple[str, str]:
@@ -194,8 +193,8 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
 
     triton_ok = _triton_status() if backend in ("auto", "triton") else (False, "not requested")
     cpu_ok = cpu_int4.available()
-    wants_cpu = backend in ("auto", "cpu-int4") and any(
-        not m.qweight.is_cuda for m in model.modules() if isinstance(m, QuantizedLinear))
+    mods = {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)}
+    wants_cpu = backend in ("auto", "cpu-int4") and any(not m.qweight.is_cuda for m in mods.values())
     native = _cpu_kernel_status(cpu_kernel) if wants_cpu else (False, "not requested")
     scratch = None
     if native[0]:
@@ -207,7 +206,6 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
     from compress.kernels import fused_block
 
     fused_block.uninstall(model)  # a previous call's fused blocks hold the layers it installed
-    mods = {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)}
     choice = {name: _choose(mod, backend, triton_ok, cpu_ok, native) for name, mod in mods.items()}
     done: set[str] = set()
     adapter, groups = None, {}
@@ -237,11 +235,9 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
             elif path == "cpu-int4":
                 fn = _cpu_layer(mod, dense_dtype, native, scratch)
                 mod.set_backend(fn)
-                if hasattr(fn.packed, "restore_codes"):  # the C kernel's packed copy holds the codes
-                    mod.release_codes(fn.packed.restore_codes)
-                else:
-                    reason = f"torch _weight_int4pack_mm_for_cpu, bf16 activations ({fn.native_why})"
-                reason += f"; prefill-sized inputs: dequantize + dense {str(dense_dtype)[6:]} GEMM"
+                if hasattr(fn, "restore_codes"):  # the C kernel's packed copy holds the codes
+                    mod.release_codes(fn.restore_codes)
+                reason = f"{fn.reason}; prefill-sized inputs: dequantize + dense {str(dense_dtype)[6:]} GEMM"
             else:
                 mod.set_backend(None)
         except ValueError as e:  # the layer's grid is outside what the kernel handles

@@ -127,13 +127,18 @@ def unpack_planar(words: torch.Tensor, k: int, width: int = PLANE_WIDTH) -> torc
     return q.reshape(n, kp)[:, :k].to(torch.uint8)
 
 
+def original_order(t: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of ``ordered_codes``: a [N, K] tensor whose columns are in group order (``perm`` from
+    ``contiguous_group_order``, or None) back in the original column order."""
+    if perm is None:
+        return t
+    return torch.empty_like(t).index_copy_(1, perm.to(t.device).long(), t)
+
+
 def restore_codes(words: torch.Tensor, k: int, width: int, perm: torch.Tensor | None) -> torch.Tensor:
     """The uint8 codes [N, k] in the ORIGINAL column order from packed words whose columns were
     stored in group order (``perm`` from ``contiguous_group_order``, or None)."""
-    codes = unpack_planar(words, k, width)
-    if perm is None:
-        return codes
-    return torch.empty_like(codes).index_copy_(1, perm.to(codes.device).long(), codes)
+    return original_order(unpack_planar(words, k, width), perm)
 
 
 def group_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -86,7 +86,7 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.T
 
 @torch.library.custom_op("compress::cpu_int4_linear", mutates_args=())
 def cpu_int4_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    """A CPU INT4 layer's eager forward registered as ``handle`` (``dispatch._cpu_backend``: the C
+    """A CPU INT4 layer's eager forward registered as ``handle`` (``cpu_backend.backend``: the C
     kernel, or its dense path for prefill-sized x), as one opaque node under ``torch.compile``."""
     return _registered(handle, "cpu_int4_linear", "CPU INT4 layer", "accelerate")(x)
 
@@ -94,4 +94,3 @@ def cpu_int4_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Te
 @cpu_int4_linear.register_fake
 def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
-
