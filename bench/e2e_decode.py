@@ -123,6 +123,16 @@ def linear_share(model: nn.Module, vocab: int, steps: int = 10, rounds: int = 3)
     return best
 
 
+def held_mib(model: nn.Module) -> float:
+    """MiB of tensor storage the model holds: parameters, buffers and the accelerated layers' packed
+    copies (each storage counted once)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for wt in {id(w): w for w in packed_weights(model).values()}.values():
+        tensors += [v for v in vars(wt).values() if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values()) / 2**20
+
+
 def save_partial(path: str | None, out: dict) -> None:
     """Write the results so far (``"partial": true``); the final write replaces them."""
     if path:
@@ -305,6 +315,7 @@ def run_cpu(args: argparse.Namespace) -> dict:
               f"{[round(v, 1) for v in r['decode_ms_per_token_runs']]})", flush=True)
 
     base = "fp32" if dtype == torch.float32 else "bf16"
+    out["held_mib"] = {base: held_mib(model)}
     timed(base)
     skip = () if args.quantize_lm_head else ("lm_head",)
     out["quantize_lm_head"] = args.quantize_lm_head
@@ -318,9 +329,15 @@ def run_cpu(args: argparse.Namespace) -> dict:
         tag = f"int4_{kernel}"
         report = accelerate(model, backend="cpu-int4", cpu_prefill=args.cpu_prefill, cpu_kernel=kernel)
         out["kernels"][kernel] = {"counts": report.counts(), "reasons": sorted(set(report.reasons.values()))}
+        out["held_mib"][tag] = held_mib(model)  # before the reference check brings the uint8 codes back
+        print(f"{tag}: {out['held_mib'][tag]:.1f} MiB of tensors held ({base} model: {out['held_mib'][base]:.1f})",
+              flush=True)
         err16 = logits_check(model, model.config.vocab_size)
         # 64 tokens: past the dense-prefill threshold (bf16 dense GEMM under cpu_prefill auto on AMX)
         err64 = logits_check(model, model.config.vocab_size, 64)
+        for mod in model.modules():  # the check restored the codes the C kernel had released
+            if isinstance(mod, QuantizedLinear) and hasattr(mod._backend, "restore_codes"):
+                mod.release_codes(mod._backend.restore_codes)
         timed(tag)
         share = out["kernels"][kernel]["decode_step"] = linear_share(model, model.config.vocab_size)
         print(f"{tag}: one-token step {share['step_ms']:.2f} ms after a 32-token prompt, "

@@ -282,7 +282,8 @@ def dequantize(wt: NativeInt4Weight, sorted_columns: bool = False) -> torch.Tens
 #: buffer that stays in cache just before its GEMM reads it. Dequantizing a whole layer instead wrote
 #: (and page-faulted) every fp32 weight to DRAM on every prefill call: 117 ms of a 653 ms SmolLM2
 #: prefill of 128 tokens. 4 MB blocks were the fastest of 256 KB / 1 MB / 4 MB / whole layers on an
-#: AVX-512 Xeon with 1.25 MB of L2 and 48 MB of L3 per socket, 1 and 2 threads (docs/kernels.md).
+#: AVX-512 Xeon with 1.25 MB of L2 and 48 MB of L3 per socket, 1 and 2 threads (one-off timings,
+#: not kept; docs/kernels.md).
 DENSE_BLOCK_BYTES = 1 << 22
 
 
