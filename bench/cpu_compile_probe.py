@@ -3,12 +3,18 @@
 Why: with our C kernel, the quantized layers take well under half of SmolLM2's eager one-token step
 on the CPU (``bench/e2e_decode.py cpu`` prints the split); the rest is transformers' Python and small
 ops, which Inductor could compile away. The INT4 layers enter the compiled graph as the custom op
-``compress::cpu_int4_linear`` (Python-dispatched). Static KV cache (``gpu_timing._Steps``), inputs
+``compress::cpu_int4_linear`` (a Python kernel behind the dispatcher). Static KV cache (``gpu_timing._Steps``), inputs
 made inside inference mode, best of 3 rounds of ``--steps`` one-token steps after a 128-token prompt.
 The first compile takes minutes on 2 cores (Inductor's FX graph cache makes reruns faster).
 
     python bench/cpu_compile_probe.py --threads 1            # fp32 model
     python bench/cpu_compile_probe.py --threads 1 --int4     # RTN INT4 g64 decoder layers, C kernel
+    python bench/cpu_compile_probe.py --op-overhead           # host time of one op call, two registrations
+
+``--op-overhead`` times a do-nothing op ([1, 576] in, an empty [1, 576] out) called through the
+dispatcher as ``torch.library.custom_op`` registers it and as a schema plus CPU kernel
+(``torch.library.Library``, how ``compress::cpu_int4_linear`` is registered), against a plain
+Python call: under compile every INT4 layer pays this once per token.
 """
 from __future__ import annotations
 
@@ -27,13 +33,46 @@ from compress.kernels.gpu_timing import _Steps  # noqa: E402
 from e2e_decode import SMOLLM2, quantize_linears  # noqa: E402
 
 
+def op_overhead(calls: int = 20000) -> None:
+    """Microseconds per call of a do-nothing op under the two registrations (best of 5 runs)."""
+    def empty(x: torch.Tensor, handle: int, n: int) -> torch.Tensor:
+        return x.new_empty((1, n))
+
+    custom = torch.library.custom_op("compress_probe::custom", empty, mutates_args=())
+    custom.register_fake(empty)
+    lib = torch.library.Library("compress_probe", "FRAGMENT")
+    lib.define("plain(Tensor x, int handle, int n) -> Tensor")
+    lib.impl("plain", empty, "CPU")
+    torch.library.register_fake("compress_probe::plain", empty)
+    x = torch.randn(1, 576)
+    fns = {"python call": lambda: empty(x, 1, 576),
+           "custom_op": lambda: torch.ops.compress_probe.custom.default(x, 1, 576),
+           "schema + CPU kernel": lambda: torch.ops.compress_probe.plain.default(x, 1, 576)}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            best = float("inf")
+            for _ in range(5):
+                for _ in range(1000):
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) / calls)
+            print(f"{name:20}: {best * 1e6:6.2f} us per call", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=SMOLLM2)
     ap.add_argument("--int4", action="store_true", help="RTN INT4 g64 decoder layers on accelerate's CPU path")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--op-overhead", action="store_true", help="only time one op call's dispatch, two ways")
     args = ap.parse_args(argv)
+    if args.op_overhead:
+        torch.set_num_threads(1)
+        op_overhead()
+        return 0
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)

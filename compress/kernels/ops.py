@@ -84,13 +84,24 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.T
     return query.new_empty((b, 1, h, d))
 
 
-@torch.library.custom_op("compress::cpu_int4_linear", mutates_args=())
+# The CPU op is registered one level lower than the GPU ones (a schema and a CPU kernel instead of
+# ``torch.library.custom_op``): on the CPU the host time of each call is the cost, paid by 210
+# layers per SmolLM2 token, and custom_op's wrapper adds about 3 us per call in inference mode
+# (8.9 vs 5.9 us for a do-nothing op: ``python bench/cpu_compile_probe.py --op-overhead``,
+# bench/results/cpu_op_overhead_s10.txt). Inference only: no autograd formula, like the kernel.
+_CPU_LIB = torch.library.Library("compress", "FRAGMENT")
+_CPU_LIB.define("cpu_int4_linear(Tensor x, int handle, int out_features) -> Tensor")
+
+
 def cpu_int4_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     """A CPU INT4 layer's eager forward registered as ``handle`` (``cpu_backend.backend``: the C
     kernel, or its dense path for prefill-sized x), as one opaque node under ``torch.compile``."""
     return _registered(handle, "cpu_int4_linear", "CPU INT4 layer", "accelerate")(x)
 
 
-@cpu_int4_linear.register_fake
+_CPU_LIB.impl("cpu_int4_linear", cpu_int4_linear, "CPU")
+
+
+@torch.library.register_fake("compress::cpu_int4_linear")
 def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
