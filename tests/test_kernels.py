@@ -18,6 +18,7 @@ from compress.algos.quant import (default_g_idx, dequantize_weight, rtn_quantize
                                   shared_permutations)
 from compress.errors import CompressError, ConfigError
 from compress.kernels import accelerate, cpu_int4, layout
+from compress.kernels.packed import W4A16Weight, dequantize_packed
 from compress.nn.qlinear import QuantizedLinear
 
 HAS_CUDA = torch.cuda.is_available()
@@ -99,6 +100,42 @@ def test_restore_codes_of_a_row_range_equals_those_rows_of_the_whole():
         whole = layout.restore_codes(words, 384, width, order.perm)
         assert torch.equal(whole, layer.qweight)
         assert torch.equal(layout.restore_codes(words[32:80], 384, width, order.perm), whole[32:80])
+
+
+def test_tile_major_layout_places_each_tile_step_contiguously_and_round_trips():
+    # the CUDA kernel's address of (row r of tile T, chunk c): 16-byte units, [T][c / 8][c / 4 % 2][r][c % 4]
+    codes = torch.randint(0, 16, (48, 700), dtype=torch.uint8)
+    words = layout.pack_chunked(codes)
+    tiled = layout.tile_major(words)
+    assert tiled.shape == words.shape and torch.equal(layout.row_major(tiled), words)
+    kp = words.shape[1] * 8
+    flat = tiled.flatten()
+    for row in (0, 5, 17, 47):
+        for c in range(kp // 32):
+            at = (row // 16) * 2 * kp + 512 * (c // 8) + 256 * (c // 4 % 2) + 16 * (row % 16) + 4 * (c % 4)
+            assert torch.equal(flat[at:at + 4], words[row, 4 * c:4 * c + 4])
+    scales = torch.randn(6, 48)
+    t = layout.tile_groups(scales).flatten()
+    assert torch.equal(t[(2 * 6 + 4) * 16:(2 * 6 + 5) * 16], scales[4, 32:48])  # tile 2, group 4
+    assert torch.equal(layout.untile_groups(layout.tile_groups(scales)), scales)
+
+
+def test_tile_major_weight_restores_and_dequantizes_like_the_row_major_one():
+    layer = make_layer(64, 384, 64, False, True, False, seed=7)  # act-order
+    order = layout.contiguous_group_order(layer.g_idx, layer.n_groups)
+    words = layout.pack_chunked(layout.ordered_codes(layer.qweight, order))
+    scales, zeros = layout.group_major(layer.scales, torch.float16), layout.group_major(layer.zeros, torch.uint8)
+    common = dict(perm=order.perm.to(torch.int32), bias=None, in_features=384, out_features=64,
+                  group=order.group_size, width=1, kernel="cuda")
+    flat = W4A16Weight(words=words, scales=scales, zeros=zeros, **common)
+    tiled = W4A16Weight(words=layout.tile_major(words), scales=layout.tile_groups(scales),
+                        zeros=layout.tile_groups(zeros), codes_tiled=True, sz_tiled=True, **common)
+    assert torch.equal(tiled.restore_codes(), layer.qweight)
+    assert torch.equal(tiled.restore_codes(slice(16, 48)), layer.qweight[16:48])
+    rows = torch.tensor([3, 40, 63, 8])
+    assert torch.equal(tiled.restore_codes(rows), layer.qweight[rows])
+    assert torch.equal(dequantize_packed(tiled, torch.float32), dequantize_packed(flat, torch.float32))
+    assert tiled.n_groups == flat.n_groups == 6
 
 
 def test_restore_codes_undoes_group_ordering_exactly():
@@ -685,15 +722,23 @@ CUDA_SHAPES = [  # (out, in, group, symmetric, act_order, bias): tails in N and 
 ]
 
 
+# repack's layouts: row-major (the default), tile-major codes, and tile-major scales and zero points
+TILE_LAYOUTS = [(False, False), (True, False), (True, True)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tile_major", TILE_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k,gs,sym,act,bias", CUDA_SHAPES)
-def test_cuda_w4a16_every_config_and_row_count(n, k, gs, sym, act, bias, dtype):
+def test_cuda_w4a16_every_config_and_row_count(n, k, gs, sym, act, bias, dtype, tile_major, monkeypatch):
     """Each tile count, warps per block, pipeline depth and step width the tuner may pick (tune also
-    checks every config it times), M = 1..16 (the second half of activation rows starts at 9)."""
+    checks every config it times), M = 1..16 (the second half of activation rows starts at 9), in
+    each layout repack can write."""
     from compress.kernels import cuda_w4a16 as cw
     from compress.kernels import triton_w4a16 as tw
+
+    monkeypatch.setattr(cw, "TILE_MAJOR", tile_major)
 
     layer = make_layer(n, k, gs, sym, act, bias, seed=n + k)
     wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, sym, layer.bias, "cuda", kernel="cuda")
@@ -848,10 +893,13 @@ def test_cuda_w4a16_chain_of_dependent_launches(pdl):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tile_major", TILE_LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_dequantize_word_per_thread(dtype):
+def test_cuda_dequantize_word_per_thread(dtype, tile_major, monkeypatch):
     from compress.kernels import cuda_w4a16 as cw
     from compress.kernels import triton_w4a16 as tw
+
+    monkeypatch.setattr(cw, "TILE_MAJOR", tile_major)
 
     for n, k, gs, act in [(272, 4224, 128, False), (64, 2048, 32, True), (48, 1000, -1, False)]:
         layer = make_layer(n, k, gs, False, act, False, seed=5)

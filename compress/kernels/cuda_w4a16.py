@@ -52,6 +52,12 @@ CHUNK = 32  # columns per 16-byte load
 
 _SOURCE = cuda_source("w4a16.cu")  # CUDA C++: cuda/common.cuh + cuda/w4a16.cu
 
+#: Whether ``repack`` stores (codes, scales and zero points) tile-major (``layout.tile_major``,
+#: ``layout.tile_groups``); the kernels read either layout (``TILED`` / ``SZT`` in the source). Off:
+#: the tile-major reads are written and their layout math is tested on the CPU, but they have not
+#: run on a GPU yet (``bench/layout_probe.py`` times and checks them in one call; docs/kernels.md).
+TILE_MAJOR = (False, False)
+
 _GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH is always 0
 
 
@@ -130,15 +136,16 @@ def compile_error(device: torch.device | str) -> str | None:
 
 
 def _defines(cfg: CudaConfig, bf16: bool, gch: int, symmetric: bool, has_bias: bool, mrows2: bool,
-             dequant: bool = False, fusion: tuple[bool, bool, bool] = (False, False, False)
-             ) -> tuple[tuple[str, int], ...]:
+             dequant: bool = False, fusion: tuple[bool, bool, bool] = (False, False, False),
+             tiled: tuple[bool, bool, bool] = (False, False, False)) -> tuple[tuple[str, int], ...]:
     norm, silu_mul, residual = fusion
     return (("NT", cfg.nt), ("KW", cfg.kw), ("STAGES", cfg.stages), ("KC", cfg.kc), ("MINB", cfg.minb),
             ("BF16", int(bf16)), ("GCH", gch),
             ("SYMMETRIC", int(symmetric)), ("HAS_BIAS", int(has_bias)), ("MROWS2", int(mrows2)),
             ("CHUNK_COLS", CHUNK), ("DEQUANT", int(dequant)),
             ("SCALE_AFTER", int(gch % 4 == 0)),  # one group per 128-column step: scale the fp32 sums
-            ("NORM", int(norm)), ("EPI", int(silu_mul)), ("RESID", int(residual)))
+            ("NORM", int(norm)), ("EPI", int(silu_mul)), ("RESID", int(residual)),
+            ("TILED", int(tiled[0])), ("SZT", int(tiled[1])), ("EVF", int(tiled[2])))
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,6 +158,10 @@ def _kernel(name: str, device_index: int, defines: tuple[tuple[str, int], ...]) 
 
 def _gch(wt: Any) -> int:
     return _GCH_PER_CHANNEL if wt.n_groups == 1 else wt.group // CHUNK
+
+
+def _tiled(wt: Any) -> tuple[bool, bool, bool]:
+    return (wt.codes_tiled, wt.sz_tiled, wt.evict_first)
 
 
 def default_config(m: int, n: int, sm_count: int = 132) -> CudaConfig:
@@ -227,7 +238,7 @@ def matmul(x2d: torch.Tensor, wt: Any, cfg: CudaConfig, out: torch.Tensor | None
             raise ValueError(f"packed K {kp} is not a multiple of {128 * cfg.kc}")
         kern = _kernel("w4a16_mma", x2d.device.index, _defines(
             cfg, x2d.dtype == torch.bfloat16, _gch(wt), wt.zeros is None, wt.bias is not None, m > 8,
-            fusion=fusion))
+            fusion=fusion, tiled=_tiled(wt)))
         run = launchers[key] = Launcher(
             kern, (-(-n // (16 * cfg.nt)), 1), 32 * cfg.kw,
             [x2d, wt.words, wt.scales_for(x2d.dtype), wt.zeros, wt.bias, out, m, n, k, kp, 0, 0,
@@ -256,7 +267,8 @@ def dequantize(wt: Any, dtype: torch.dtype) -> torch.Tensor:
     scales = wt.scales_for(dtype)
     kp = wt.words.shape[1] * 8
     kern = _kernel("w4a16_dequant", wt.words.device.index, _defines(
-        CudaConfig(1, 1, 2), dtype == torch.bfloat16, _gch(wt), wt.zeros is None, False, False, dequant=True))
+        CudaConfig(1, 1, 2), dtype == torch.bfloat16, _gch(wt), wt.zeros is None, False, False, dequant=True,
+        tiled=_tiled(wt)))
     threads = 256
     launch(kern, (n, -(-k // (8 * threads))), threads, [wt.words, scales, wt.zeros, out, n, k, kp],
            wt.words.device)

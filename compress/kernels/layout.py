@@ -106,6 +106,34 @@ def pack_chunked(codes: torch.Tensor) -> torch.Tensor:
     return _pack(codes, 1, -(-k // CHUNK_STEP) * CHUNK_STEP)
 
 
+def tile_major(words: torch.Tensor) -> torch.Tensor:
+    """``pack_chunked`` words [N, Kp / 8] reordered tile-major for the CUDA kernel (same shape):
+    [N / 16][Kp / 256][2][16 rows][4 chunks] x 4 words, so that one kernel step of a 16-row tile
+    (128 or 256 columns) reads one contiguous 1 or 2 KB region instead of 16 row segments 2 x Kp
+    bytes apart. A tile's rows stay in its own [16, Kp / 8] block, so whole tiles slice as rows."""
+    n, wpr = words.shape
+    return words.view(n // 16, 16, wpr // 32, 2, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(n, wpr)
+
+
+def row_major(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``tile_major``."""
+    n, wpr = words.shape
+    return words.view(n // 16, wpr // 32, 2, 16, 4, 4).permute(0, 3, 1, 2, 4, 5).reshape(n, wpr)
+
+
+def tile_groups(t: torch.Tensor) -> torch.Tensor:
+    """[G, N] scales or zero points reordered [N / 16][G][16] (same shape): a 16-row tile's values
+    for consecutive groups are contiguous, as the CUDA kernel reads them."""
+    g, n = t.shape
+    return t.view(g, n // 16, 16).permute(1, 0, 2).reshape(g, n)
+
+
+def untile_groups(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``tile_groups``."""
+    g, n = t.shape
+    return t.view(n // 16, g, 16).permute(1, 0, 2).reshape(g, n)
+
+
 def _pack(codes: torch.Tensor, width: int, kp: int) -> torch.Tensor:
     n, k = codes.shape
     q = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)

@@ -36,6 +36,12 @@ class W4A16Weight:
     #: a stacked gate/up layer whose rows alternate 8 gate rows and 8 up rows (``fused.stack(...,
     #: interleave=True)``), which the kernel's SiLU-gate epilogue needs
     glu_interleaved: bool = False
+    #: CUDA kernel only: ``words`` in ``layout.tile_major`` order / ``scales`` and ``zeros`` in
+    #: ``layout.tile_groups`` order (same shapes; a 16-row tile's bytes contiguous)
+    codes_tiled: bool = False
+    sz_tiled: bool = False
+    #: CUDA kernel only: the weight copies carry an L2 evict-first policy (``bench/layout_probe.py``)
+    evict_first: bool = False
     _scales_as: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
     #: CUDA kernel only: launch objects per (config, dtype, rows > 8, pdl); they hold this weight's
     #: data pointers, so a copy (``clone``) starts with none
@@ -68,8 +74,17 @@ class W4A16Weight:
         """The layer's uint8 codes [N, K] in the ORIGINAL column order, rebuilt exactly from the
         packed words (lets ``QuantizedLinear.release_codes`` free its copy); ``rows``: only those
         output rows (a stacked layer's member: each row's words are packed on their own)."""
-        words = self.words if rows is None else self.words[rows]
+        words = self.row_major_words()
+        words = words if rows is None else words[rows]
         return layout.restore_codes(words, self.in_features, self.width, self.perm)
+
+    def row_major_words(self) -> torch.Tensor:
+        """``words`` with one row per output row (undoing ``layout.tile_major``)."""
+        return layout.row_major(self.words) if self.codes_tiled else self.words
+
+    def group_major(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``scales`` or ``zeros`` as plain [G, N] (undoing ``layout.tile_groups``)."""
+        return layout.untile_groups(t) if t is not None and self.sz_tiled else t
 
     def in_group_order(self) -> "W4A16Weight":
         """This weight for activations already gathered into group order (``x[..., perm]``): the
@@ -96,10 +111,10 @@ class W4A16Weight:
 def dequantize_packed(wt: W4A16Weight, dtype: torch.dtype) -> torch.Tensor:
     """The weight [N, K] in ``dtype``, columns in the ORIGINAL order (plain torch ops; any device,
     any dtype; for activations the kernels do not take)."""
-    codes = layout.unpack_planar(wt.words, wt.in_features, wt.width).to(torch.float32)
+    codes = layout.unpack_planar(wt.row_major_words(), wt.in_features, wt.width).to(torch.float32)
     gidx = torch.arange(wt.in_features, device=codes.device) // wt.group
-    z = 8.0 if wt.zeros is None else wt.zeros.t().to(torch.float32)[:, gidx]
-    w = (codes - z) * wt.scales.t().to(torch.float32)[:, gidx]
+    z = 8.0 if wt.zeros is None else wt.group_major(wt.zeros).t().to(torch.float32)[:, gidx]
+    w = (codes - z) * wt.group_major(wt.scales).t().to(torch.float32)[:, gidx]
     if wt.perm is not None:
         w = torch.empty_like(w).index_copy_(1, wt.perm.long(), w)
     return w.to(dtype)

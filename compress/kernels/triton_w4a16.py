@@ -339,15 +339,25 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
     codes = layout.ordered_codes(qweight.to(device), order)
     # Symmetric grids store z = 8 everywhere; only then may the kernel drop the zero-point load.
     sym = bool(symmetric) and bool((zeros == 8).all())
+    tiled = (False, False)
     if kernel == "cuda":
         words, width = layout.pack_chunked(codes), 1
         sdtype = scales.dtype if scales.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        tiled = cuda_w4a16.TILE_MAJOR
     else:
         words, sdtype = layout.pack_planar(codes, width), torch.float16
+    scales_g = layout.group_major(scales, sdtype)
+    zeros_g = None if sym else layout.group_major(zeros, torch.uint8)
+    if tiled[0]:
+        words = layout.tile_major(words)
+    if tiled[1]:
+        scales_g = layout.tile_groups(scales_g)
+        zeros_g = None if zeros_g is None else layout.tile_groups(zeros_g)
     return W4A16Weight(
         words=words,
-        scales=layout.group_major(scales, sdtype).to(device),
-        zeros=None if sym else layout.group_major(zeros, torch.uint8).to(device),
+        scales=scales_g.to(device),
+        zeros=None if zeros_g is None else zeros_g.to(device),
+        codes_tiled=tiled[0], sz_tiled=tiled[1],
         perm=None if order.perm is None else order.perm.to(torch.int32).to(device),
         bias=None if bias is None else bias.detach().to(torch.float32).to(device),
         in_features=k, out_features=n, group=order.group_size, width=width, kernel=kernel,

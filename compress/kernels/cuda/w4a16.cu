@@ -139,6 +139,22 @@ __device__ __forceinline__ void cp16(u32 dst, const void* src, bool issue, bool 
                " @p cp.async.cg.shared.global [%0], [%1], 16, %3;\n}\n"
                :: "r"(dst), "l"(src), "r"((int)issue), "r"(live ? 16 : 0));
 }
+#if EVF
+// The weight copies with an L2 evict-first policy (streamed once: leave L2 to x and the outputs).
+__device__ __forceinline__ unsigned long long evict_first_policy() {
+  unsigned long long p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ void cp16w(u32 dst, const void* src, bool issue, bool live, unsigned long long pol) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
+               " @p cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %3, %4;\n}\n"
+               :: "r"(dst), "l"(src), "r"((int)issue), "r"(live ? 16 : 0), "l"(pol));
+}
+#define CPW(d, s, i, l) cp16w(d, s, i, l, pol)
+#else
+#define CPW(d, s, i, l) cp16(d, s, i, l)
+#endif
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N_>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N_)); }
@@ -205,7 +221,18 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
   // 16 x 4KC chunks of a tile, row-major), into w[j / 4][rr][j % 4].
   constexpr int CPR = 4 * KC;          // chunks per row and step
   constexpr int NCP = 16 * CPR / 32;   // copies per lane, tile and step (2 KC)
+#if TILED
+  // Tile-major codes (layout.tile_major): [N / 16][KP / 256][2 halves][16 rows][4 chunks] x 16
+  // bytes, so one step of a tile is one contiguous 1 KB (KC = 1) or 2 KB (KC = 2) region. Copy u
+  // of a lane lies 32 / CPR rows (512 / CPR words) after its copy 0: one pointer per tile.
+  const u32* wsrc[NT][1];
+  constexpr int W_STEP = 256 * KC;  // words per tile and step
+#define W_SRC(nt, u) (wsrc[nt][0] + (512 / CPR) * (u))
+#else
   const u32* wsrc[NT][NCP];
+  constexpr int W_STEP = 4 * CPR;
+#define W_SRC(nt, u) (wsrc[nt][u])
+#endif
   u32 wdst[NCP];
   int wj[NCP];
 #pragma unroll
@@ -214,8 +241,29 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
     wj[u] = j;
     wdst[u] = smem_addr(&st[0].w[0][j >> 2][rr][j & 3]);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) wsrc[nt][u] = w + (size_t)(tile[nt] + rr) * (KP >> 3) + 4 * j;
+    for (int nt = 0; nt < NT; ++nt)
+#if TILED
+      if (u == 0) wsrc[nt][0] = w + (size_t)(tile[nt] >> 4) * (2 * KP) + 256 * (j >> 2) + 16 * rr + 4 * (j & 3);
+#else
+      wsrc[nt][u] = w + (size_t)(tile[nt] + rr) * (KP >> 3) + 4 * j;
+#endif
   }
+#if SZT
+  // Tile-major scales and zero points (layout.tile_groups): [N / 16][G][16], a tile's groups
+  // contiguous; one pointer per tile, 16 values per group.
+  const u16* sbase[NT];
+  const u8* zbase[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    sbase[nt] = sc + (size_t)(tile[nt] >> 4) * (gmax + 1) * 16;
+    zbase[nt] = zp + (size_t)(tile[nt] >> 4) * (gmax + 1) * 16;
+  }
+#define S_AT(nt, g) (sbase[nt] + 16 * (g))
+#define Z_AT(nt, g) (zbase[nt] + 16 * (g))
+#else
+#define S_AT(nt, g) (sc + (size_t)(g) * N + tile[nt])
+#define Z_AT(nt, g) (zp + (size_t)(g) * N + tile[nt])
+#endif
   // Scales: lanes 0 .. 8 KC - 1 copy 8 of a (kc, t) group's 16; zero points: lanes 16 .. 16 + 4 KC - 1.
   const int s_kc = lane >> 3, s_t = (lane >> 1) & 3, s_half = lane & 1;
   const int z_kc = (lane - 16) >> 2, z_t = (lane - 16) & 3;
@@ -229,6 +277,9 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
   (void)Z_NT;
   // Copies of step i into stage i % STAGES (one commit group per step, empty past the slice so
   // that the wait count stays exact). Chunks past K are not read (zero-filled).
+#if EVF
+  const unsigned long long pol = evict_first_policy();
+#endif
   auto issue = [&](int i) {
     const bool live = i < se;
     const u32 off = (u32)(i & (STAGES - 1)) * (u32)sizeof(Stage);
@@ -239,11 +290,11 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int u = 0; u < NCP; ++u)
-        cp16(wdst[u] + off + nt * W_NT, wsrc[nt][u] + 4 * CPR * ic, true,
+        CPW(wdst[u] + off + nt * W_NT, W_SRC(nt, u) + W_STEP * ic, true,
              live && CHUNK_COLS * (CPR * ic + wj[u]) < K);
-      cp16(s_dst + off + nt * S_NT, sc + (size_t)sg * N + tile[nt] + 8 * s_half, s_on, live);
+      cp16(s_dst + off + nt * S_NT, S_AT(nt, sg) + 8 * s_half, s_on, live);
 #if !SYMMETRIC
-      cp16(z_dst + off + nt * Z_NT, zp + (size_t)zg * N + tile[nt], z_on, live);
+      cp16(z_dst + off + nt * Z_NT, Z_AT(nt, zg), z_on, live);
 #endif
     }
 #if NORM
@@ -514,14 +565,24 @@ extern "C" __global__ void w4a16_dequant(const u32* __restrict__ w, const u16* _
                                          int N, int K, int KP) {
   const int n = blockIdx.x, j = blockIdx.y * blockDim.x + threadIdx.x;  // word j: columns 8j .. 8j + 7
   if (8 * j >= K) return;
+#if TILED  // layout.tile_major: [N / 16][KP / 256][2][16 rows][4 chunks][4 words]
+  const int c = j >> 2;
+  const u32 v = w[(size_t)(n >> 4) * (2 * KP) + 512 * (c >> 3) + 256 * ((c >> 2) & 1) + 16 * (n & 15) + 4 * (c & 3) + (j & 3)];
+#else
   const u32 v = w[(size_t)n * (KP >> 3) + j];
+#endif
   const int g = (j >> 2) / GCH;  // 4 words per chunk
-  const u32 s16 = sc[(size_t)g * N + n];
+#if SZT  // layout.tile_groups: [N / 16][G][16]
+  const size_t at = ((size_t)(n >> 4) * (((K - 1) / CHUNK_COLS) / GCH + 1) + g) * 16 + (n & 15);
+#else
+  const size_t at = (size_t)g * N + n;
+#endif
+  const u32 s16 = sc[at];
   const u32 ss = s16 | (s16 << 16);
 #if SYMMETRIC
   const u32 z = 8u;
 #else
-  const u32 z = zp[(size_t)g * N + n];
+  const u32 z = zp[at];
 #endif
   u32 h[4];
   unpack4(v, zero_pair(z), zero_pair16(z), h);
