@@ -1,0 +1,86 @@
+"""Does an edit of the CUDA W4A16 source change the code of its existing specializations? (no GPU)
+
+Compiles ``compress/kernels/cuda/w4a16.cu`` (with ``common.cuh``, as ``cuda_w4a16`` does) from the
+working tree and from a git revision to PTX for sm_90 with nvcc, for a set of specializations
+(plain, RMSNorm + SiLU-gate in bf16, residual, per-channel, dequantize; four configs), and reports
+whether each pair is identical. Defines the older source does not know (new switches) are set to 0
+in the tree's build, so "identical" means the edit left the existing kernels as they were and their
+GPU measurements still stand. Needs nvcc (the ``nvidia-cuda-nvcc`` wheel has one), no GPU.
+
+    python bench/ptx_diff.py --base 30e0e92
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = ("compress/kernels/cuda/common.cuh", "compress/kernels/cuda/w4a16.cu")
+NEW_SWITCHES = {"TILED": 0, "SZT": 0, "EVF": 0}  # off: the layout before session 10
+
+CONFIGS = [(2, 4, 2, 2, 0), (1, 2, 2, 2, 1), (1, 8, 4, 1, 0), (2, 2, 2, 1, 1)]  # (nt, kw, stages, kc, minb)
+VARIANTS = {
+    "plain fp16 g128": dict(NORM=0, EPI=0, RESID=0, DEQUANT=0, BF16=0, MROWS2=0, SYMMETRIC=0, GCH=4, SCALE_AFTER=1,
+                            HAS_BIAS=0),
+    "norm+silu bf16 g32": dict(NORM=1, EPI=1, RESID=0, DEQUANT=0, BF16=1, MROWS2=1, SYMMETRIC=1, GCH=1,
+                               SCALE_AFTER=0, HAS_BIAS=1),
+    "residual per-channel": dict(NORM=0, EPI=0, RESID=1, DEQUANT=0, BF16=0, MROWS2=1, SYMMETRIC=0, GCH=1 << 30,
+                                 SCALE_AFTER=1, HAS_BIAS=1),
+    "dequantize": dict(NORM=0, EPI=0, RESID=0, DEQUANT=1, BF16=0, MROWS2=0, SYMMETRIC=0, GCH=4, SCALE_AFTER=1,
+                       HAS_BIAS=0),
+}
+
+
+def source_at(rev: str | None) -> str:
+    if rev is None:
+        return "".join((ROOT / f).read_text() for f in FILES)
+    parts = []
+    for f in FILES:  # common.cuh is younger than w4a16.cu: a revision without it has its own copies
+        r = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{f}"], capture_output=True, text=True)
+        if r.returncode and f != FILES[-1]:
+            continue
+        r.check_returncode()
+        parts.append(r.stdout)
+    return "".join(parts)
+
+
+def ptx(nvcc: str, src: str, defines: dict[str, int], tmp: Path) -> str:
+    cu, out = tmp / "k.cu", tmp / "k.ptx"
+    cu.write_text("".join(f"#define {k} {v}\n" for k, v in defines.items()) + src)
+    r = subprocess.run([nvcc, "-arch=sm_90", "-ptx", "-o", str(out), str(cu)], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"nvcc failed for {defines}: {r.stderr[-2000:]}")
+    return re.sub(r"^//.*$", "", out.read_text(), flags=re.M)  # drop the compiler's header comments
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="git revision to compare the working tree's source with")
+    ap.add_argument("--nvcc", default=shutil.which("nvcc"))
+    args = ap.parse_args(argv)
+    if not args.nvcc:
+        print("ptx_diff needs nvcc (pip install nvidia-cuda-nvcc, or a CUDA toolkit)", file=sys.stderr)
+        return 2
+    old, new = source_at(args.base), source_at(None)
+    differ = 0
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for nt, kw, stages, kc, minb in CONFIGS:
+            for name, extra in VARIANTS.items():
+                base = dict(NT=nt, KW=kw, STAGES=stages, KC=kc, MINB=minb, CHUNK_COLS=32, **extra)
+                same = ptx(args.nvcc, old, base, tmp) == ptx(args.nvcc, new, {**base, **NEW_SWITCHES}, tmp)
+                differ += not same
+                print(f"{str((nt, kw, stages, kc, minb)):18} {name:22} {'identical' if same else 'DIFFERENT'}",
+                      flush=True)
+    total = len(CONFIGS) * len(VARIANTS)
+    print(f"{total - differ} of {total} specializations identical to {args.base}")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
