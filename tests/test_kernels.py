@@ -114,6 +114,10 @@ def test_tile_major_layout_places_each_tile_step_contiguously_and_round_trips():
         for c in range(kp // 32):
             at = (row // 16) * 2 * kp + 512 * (c // 8) + 256 * (c // 4 % 2) + 16 * (row % 16) + 4 * (c % 4)
             assert torch.equal(flat[at:at + 4], words[row, 4 * c:4 * c + 4])
+        for j in range(0, kp // 8, 7):  # the dequantize kernel's address of word j (8 columns)
+            c = j >> 2
+            at = (row >> 4) * 2 * kp + 512 * (c >> 3) + 256 * ((c >> 2) & 1) + 16 * (row & 15) + 4 * (c & 3) + (j & 3)
+            assert int(flat[at]) == int(words[row, j])
     scales = torch.randn(6, 48)
     t = layout.tile_groups(scales).flatten()
     assert torch.equal(t[(2 * 6 + 4) * 16:(2 * 6 + 5) * 16], scales[4, 32:48])  # tile 2, group 4
