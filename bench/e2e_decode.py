@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="gpu: act-order layers (groups along a random column permutation per input, RTN)")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="also quantize lm_head (cpu: unties it from the fp32 embedding)")
+    ap.add_argument("--tile-major", default="row", choices=["row", "codes", "both"],
+                    help="gpu: the layout repack writes for the CUDA kernel (cuda_w4a16.TILE_MAJOR; default row-major)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.prompt = args.prompt or 128
@@ -402,7 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "gpu" and not torch.cuda.is_available():
         print("e2e_decode gpu needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.target == "gpu":
+        from compress.kernels import cuda_w4a16
+
+        cuda_w4a16.TILE_MAJOR = cuda_w4a16.TILE_LAYOUTS[args.tile_major]
     result = run_gpu(args) if args.target == "gpu" else run_cpu(args)
+    result["tile_major"] = args.tile_major
     result["torch"] = torch.__version__
     result["date"] = time.strftime("%Y-%m-%d")
     if args.out:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel benchmark, end-to-end decode, latency table.
 # Usage (on the GPU machine, repo root): bash bench/gpu_suite.sh STAGES   (e.g. "env tests kernel e2e latency";
-# also: e2e_act, fused, attn, cli)
+# also: layout, e2e_act, fused, attn, cli)
 # Logs and JSON go to $OUT (or bench/results/device when unset).
 set -u
 # the machine lacks pydantic (compress.recipe imports it): wheels carried in .whl (see bench/gpu_real_model.sh)
@@ -67,6 +67,15 @@ PY
       timeout 300 python3 bench/e2e_decode.py gpu --layers 8 --variants fused_pdl --modes compile_pdl --attn compress \
         --out "$OUT/e2e8_attn.json" > "$OUT/e2e8_attn.log" 2>&1
       grep -v Warning "$OUT/e2e8_attn.log" | tail -4 ;;
+    layout)
+      # the tile-major layout (session 10, off by default): the GPU tests run every layout, then
+      # bench/layout_probe.py tunes and times each against fp16 in interleaved rounds; kernel_bench
+      # with --tile-major both gives the full table in the layout if it wins
+      timeout 200 python3 -m pytest tests/test_kernels.py -q -m gpu -p no:cacheprovider -n 8 \
+        -k "every_config or dequantize_word" > "$OUT/pytest_gpu_layout.log" 2>&1
+      tail -4 "$OUT/pytest_gpu_layout.log"
+      timeout 330 python3 bench/layout_probe.py --out "$OUT/layout_probe.json" > "$OUT/layout_probe.log" 2>&1
+      grep -v skipped "$OUT/layout_probe.log" | tail -8 ;;
     e2e_act)
       # GPTQ-style act-order layers (RTN numerics): the gather costs under compile and CUDA graphs
       timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --act-order \

@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--large-m", default="512", help="extra prefill-sized batches (comma list, '' for none)")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x8192 (default: the five Llama shapes)")
+    ap.add_argument("--tile-major", default="row", choices=sorted(cw.TILE_LAYOUTS),
+                    help="the layout repack writes for our kernel (cuda_w4a16.TILE_MAJOR; default row-major)")
     args = ap.parse_args(argv)
+    cw.TILE_MAJOR = cw.TILE_LAYOUTS[args.tile_major]
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": time.strftime("%Y-%m-%d"), "copy_gbps": copy_bandwidth(), "rows": [],
-              "timing": "CUDA graph of 64 calls over rotated weight copies (>= 4x L2), median of 5 replays"}
+              "timing": "CUDA graph of 64 calls over rotated weight copies (>= 4x L2), median of 5 replays",
+              "tile_major": args.tile_major}
     print(f"device {result['device']}, copy bandwidth {result['copy_gbps']:.0f} GB/s", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

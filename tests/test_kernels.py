@@ -18,6 +18,7 @@ from compress.algos.quant import (default_g_idx, dequantize_weight, rtn_quantize
                                   shared_permutations)
 from compress.errors import CompressError, ConfigError
 from compress.kernels import accelerate, cpu_int4, layout
+from compress.kernels.cuda_w4a16 import TILE_LAYOUTS as CUDA_TILE_LAYOUTS
 from compress.kernels.packed import W4A16Weight, dequantize_packed
 from compress.nn.qlinear import QuantizedLinear
 
@@ -727,7 +728,7 @@ CUDA_SHAPES = [  # (out, in, group, symmetric, act_order, bias): tails in N and 
 
 
 # repack's layouts: row-major (the default), tile-major codes, and tile-major scales and zero points
-TILE_LAYOUTS = [(False, False), (True, False), (True, True)]
+TILE_LAYOUTS = list(CUDA_TILE_LAYOUTS.values())
 
 
 @pytest.mark.gpu

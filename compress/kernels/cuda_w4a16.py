@@ -57,6 +57,8 @@ _SOURCE = cuda_source("w4a16.cu")  # CUDA C++: cuda/common.cuh + cuda/w4a16.cu
 #: the tile-major reads are written and their layout math is tested on the CPU, but they have not
 #: run on a GPU yet (``bench/layout_probe.py`` times and checks them in one call; docs/kernels.md).
 TILE_MAJOR = (False, False)
+#: the layouts by name, for the benchmarks' ``--tile-major``: row-major, tile-major codes, both
+TILE_LAYOUTS = {"row": (False, False), "codes": (True, False), "both": (True, True)}
 
 _GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH is always 0
 
