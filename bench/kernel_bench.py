@@ -40,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize, rtn_quantize_permuted  # noqa: E402
 from compress.kernels import cuda_w4a16 as cw  # noqa: E402
-from compress.kernels import triton_w4a16 as tw  # noqa: E402
+try:
+    from compress.kernels import triton_w4a16 as tw  # noqa: E402
+except ImportError as e:  # no Triton: a CPU-only install
+    sys.exit(f"kernel_bench needs a CUDA GPU with Triton installed ({e})")
 from compress.kernels.gpu_timing import graph_time_ms  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (8192, 8192)]

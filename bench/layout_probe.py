@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress.algos.quant import default_g_idx, rtn_quantize  # noqa: E402
 from compress.kernels import cuda_w4a16 as cw  # noqa: E402
 from compress.kernels import layout  # noqa: E402
-from compress.kernels import triton_w4a16 as tw  # noqa: E402
+try:
+    from compress.kernels import triton_w4a16 as tw  # noqa: E402
+except ImportError as e:  # no Triton: a CPU-only install
+    sys.exit(f"layout_probe needs a CUDA GPU with Triton installed ({e})")
 from compress.kernels.gpu_timing import graph_time_ms  # noqa: E402
 from compress.kernels.packed import dequantize_packed  # noqa: E402
 
