@@ -5,7 +5,8 @@ working tree and from a git revision to PTX for sm_90 with nvcc, for a set of sp
 (plain, RMSNorm + SiLU-gate in bf16, residual, per-channel, dequantize; four configs), and reports
 whether each pair is identical. Defines the older source does not know (new switches) are set to 0
 in the tree's build, so "identical" means the edit left the existing kernels as they were and their
-GPU measurements still stand. Needs nvcc (the ``nvidia-cuda-nvcc`` wheel has one), no GPU.
+GPU measurements still stand. Needs nvcc (a CUDA toolkit, or the ``nvidia-cuda-nvcc``, ``nvidia-cuda-crt`` and
+``nvidia-nvvm`` wheels as on the development machine: nvcc 13.0), no GPU.
 
     python bench/ptx_diff.py --base 30e0e92
 """
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nvcc", default=shutil.which("nvcc"))
     args = ap.parse_args(argv)
     if not args.nvcc:
-        print("ptx_diff needs nvcc (pip install nvidia-cuda-nvcc, or a CUDA toolkit)", file=sys.stderr)
+        print("ptx_diff needs nvcc (a CUDA toolkit, or the nvidia-cuda-nvcc, nvidia-cuda-crt and nvidia-nvvm "
+              "wheels)", file=sys.stderr)
         return 2
     old, new = source_at(args.base), source_at(None)
     differ = 0
