@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress.adapters import get_adapter, set_submodule  # noqa: E402
 from compress.algos.quant import default_g_idx, rtn_quantize, rtn_quantize_permuted, shared_permutations  # noqa: E402
 from compress.kernels import accelerate, fused_block, tune_triton  # noqa: E402
+from compress.kernels.cuda_w4a16 import TILE_LAYOUTS  # noqa: E402
 from compress.kernels.dispatch import CPU_PREFILL, packed_weights  # noqa: E402
 from compress.nn.qlinear import QuantizedLinear  # noqa: E402
 
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="gpu: act-order layers (groups along a random column permutation per input, RTN)")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="also quantize lm_head (cpu: unties it from the fp32 embedding)")
-    ap.add_argument("--tile-major", default="row", choices=["row", "codes", "both"],
+    ap.add_argument("--tile-major", default="row", choices=sorted(TILE_LAYOUTS),
                     help="gpu: the layout repack writes for the CUDA kernel (cuda_w4a16.TILE_MAJOR; default row-major)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "gpu":
         from compress.kernels import cuda_w4a16
 
-        cuda_w4a16.TILE_MAJOR = cuda_w4a16.TILE_LAYOUTS[args.tile_major]
+        cuda_w4a16.TILE_MAJOR = TILE_LAYOUTS[args.tile_major]
     result = run_gpu(args) if args.target == "gpu" else run_cpu(args)
     result["tile_major"] = args.tile_major
     result["torch"] = torch.__version__
