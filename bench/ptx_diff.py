@@ -9,6 +9,11 @@ GPU measurements still stand. Needs nvcc (a CUDA toolkit, or the ``nvidia-cuda-n
 ``nvidia-nvvm`` wheels as on the development machine: nvcc 13.0), no GPU.
 
     python bench/ptx_diff.py --base 30e0e92
+    python bench/ptx_diff.py --switches     # the tree's switch-on builds: do they compile, registers
+
+``--switches`` compiles the tree's source with the switches off and with each combination on
+(``TILED``, ``SZT``, ``EVF``) for the same specializations to sm_90 cubins and prints ptxas's
+register count and spill bytes.
 """
 from __future__ import annotations
 
@@ -59,15 +64,55 @@ def ptx(nvcc: str, src: str, defines: dict[str, int], tmp: Path) -> str:
     return re.sub(r"^//.*$", "", out.read_text(), flags=re.M)  # drop the compiler's header comments
 
 
+SWITCH_SETS = [dict(TILED=0, SZT=0, EVF=0), dict(TILED=1, SZT=0, EVF=0), dict(TILED=0, SZT=1, EVF=0), dict(TILED=1, SZT=1, EVF=0),
+               dict(TILED=1, SZT=1, EVF=1)]
+
+
+def registers(nvcc: str, src: str, defines: dict[str, int], tmp: Path) -> int:
+    """ptxas's register count for one specialization (raises if it does not compile)."""
+    cu, out = tmp / "k.cu", tmp / "k.cubin"
+    cu.write_text("".join(f"#define {k} {v}\n" for k, v in defines.items()) + src)
+    r = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(out), str(cu)],
+                       capture_output=True, text=True)
+    found = re.findall(r"Used (\d+) registers", r.stderr)
+    if r.returncode or not found:
+        raise RuntimeError(f"nvcc failed for {defines}: {r.stderr[-2000:]}")
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", r.stderr))
+    if spills:
+        print(f"  spills {spills} bytes: {defines}", flush=True)
+    return int(found[-1])
+
+
+def switches(nvcc: str) -> int:
+    src = source_at(None)
+    counts = []
+    with tempfile.TemporaryDirectory() as d:
+        for nt, kw, stages, kc, minb in CONFIGS:
+            for name, extra in VARIANTS.items():
+                base = dict(NT=nt, KW=kw, STAGES=stages, KC=kc, MINB=minb, CHUNK_COLS=32, **extra)
+                regs = [registers(nvcc, src, {**base, **sw}, Path(d)) for sw in SWITCH_SETS]
+                counts += regs
+                print(f"{str((nt, kw, stages, kc, minb)):18} {name:22} registers " + " ".join(map(str, regs)), flush=True)
+    on = [c for i, c in enumerate(counts) if i % len(SWITCH_SETS)]
+    print(f"{len(on)} switch-on builds compiled, {min(on)}-{max(on)} registers "
+          "(columns: off / tiled / szt / both / both+evf)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True, help="git revision to compare the working tree's source with")
+    ap.add_argument("--base", help="git revision to compare the working tree's source with")
+    ap.add_argument("--switches", action="store_true", help="compile the switch-on builds instead")
     ap.add_argument("--nvcc", default=shutil.which("nvcc"))
     args = ap.parse_args(argv)
     if not args.nvcc:
         print("ptx_diff needs nvcc (a CUDA toolkit, or the nvidia-cuda-nvcc, nvidia-cuda-crt and nvidia-nvvm "
               "wheels)", file=sys.stderr)
         return 2
+    if args.switches:
+        return switches(args.nvcc)
+    if not args.base:
+        ap.error("give --base REV (or --switches)")
     old, new = source_at(args.base), source_at(None)
     differ = 0
     with tempfile.TemporaryDirectory() as d:
