@@ -1,5 +1,5 @@
-"""One-row INT4 products on this CPU: torch's int4 kernel, our C kernel (``cpu_native``), fp32/bf16/fp16
-F.linear, and an int4 GEMV written in torch ops and compiled by Inductor (the dequantization fused
+"""One-row INT4 products on this CPU: torch's int4 kernel, our C kernel (``cpu_native``; also its 8-bit path
+with one scale per row, what ``compress bench --lm-head int8`` runs), fp32/bf16/fp16 F.linear, and an int4 GEMV written in torch ops and compiled by Inductor (the dequantization fused
 into the reduction).
 
 Why: on an AVX2-only CPU the INT4 checkpoint decodes only 1.10x faster than fp32 (docs/kernels.md).
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     compiled = torch.compile(gemv, dynamic=False)
     ok, why = cpu_native.available()
-    print(f"{'shape':>10} {'int4 kernel':>12} {'C kernel':>9} {'fp32':>8} {'bf16':>8} {'fp16':>8} {'compiled int4':>14}   "
+    print(f"{'shape':>10} {'int4 kernel':>12} {'C kernel':>9} {'C int8':>7} {'fp32':>8} {'bf16':>8} {'fp16':>8} {'compiled int4':>14}   "
           f"(ms per call, 1 thread, {torch.__version__}; {why})")
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -69,13 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         s, z, x1 = torch.rand(n, k // g), torch.randint(0, 16, (n, k // g)).float(), torch.randn(k)
         err = float((compiled(x1, wq, s, z, g) - gemv(x1, wq, s, z, g)).abs().max())
         wn = cpu_native.repack(codes.to(torch.uint8), s, z.to(torch.uint8), default_g_idx(k, g), 4, None) if ok else None
+        w8 = cpu_native.repack(torch.randint(0, 256, (n, k), dtype=torch.uint8), torch.rand(n, 1),
+                               torch.randint(0, 256, (n, 1), dtype=torch.uint8), default_g_idx(k, -1), 8,
+                               None) if ok else None
         row = [timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, g, sz), args.repeats),
                timed(lambda: cpu_native.matmul(xf, wn), args.repeats) if ok else float("nan"),
+               timed(lambda: cpu_native.matmul(xf, w8), args.repeats) if ok else float("nan"),
                timed(lambda: torch.nn.functional.linear(xf, w), args.repeats),
                timed(lambda: torch.nn.functional.linear(xb, wb), args.repeats),
                timed(lambda: torch.nn.functional.linear(xf.half(), wh), args.repeats),
                timed(lambda: compiled(x1, wq, s, z, g), args.repeats)]
-        print(f"{shape:>10} {row[0]:12.3f} {row[1]:9.3f} {row[2]:8.3f} {row[3]:8.3f} {row[4]:8.3f} {row[5]:14.3f}   "
+        print(f"{shape:>10} {row[0]:12.3f} {row[1]:9.3f} {row[2]:7.3f} {row[3]:8.3f} {row[4]:8.3f} {row[5]:8.3f} "
+              f"{row[6]:14.3f}   "
               f"(compiled vs eager max abs diff {err:.1e})")
     return 0
 

@@ -321,6 +321,11 @@ def run_cpu(args: argparse.Namespace) -> dict:
     skip = () if args.quantize_lm_head else ("lm_head",)
     out["quantize_lm_head"] = args.quantize_lm_head
     out["quantized_layers"] = quantize_linears(model, args.group_size, args.symmetric, skip=skip)
+    out["lm_head"] = "int4" if args.quantize_lm_head else "int8" if args.lm_head_int8 else "float"
+    if args.lm_head_int8:  # RTN 8-bit per output row at load (compress bench --lm-head int8)
+        from compress.kernels.lm_head import quantize_lm_head
+
+        out["lm_head_detail"] = quantize_lm_head(model, bits=8).as_dict()
     if args.with_fallback:
         timed("int4_dequant_fallback")
     out["cpu_prefill"] = args.cpu_prefill
@@ -395,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="gpu: act-order layers (groups along a random column permutation per input, RTN)")
     ap.add_argument("--quantize-lm-head", action="store_true",
                     help="also quantize lm_head (cpu: unties it from the fp32 embedding)")
+    ap.add_argument("--lm-head-int8", action="store_true",
+                    help="cpu: the lm_head RTN 8-bit, one scale per output row, on the C kernel's 8-bit path "
+                         "(compress.kernels.lm_head; as compress bench --lm-head int8)")
     ap.add_argument("--tile-major", default="row", choices=sorted(TILE_LAYOUTS),
                     help="gpu: the layout repack writes for the CUDA kernel (cuda_w4a16.TILE_MAJOR; default row-major)")
     ap.add_argument("--out", default=None)
@@ -404,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     args.group_size = args.group_size or (128 if args.target == "gpu" else 64)
     if args.target == "gpu" and not torch.cuda.is_available():
         print("e2e_decode gpu needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.lm_head_int8 and (args.target == "gpu" or args.quantize_lm_head):
+        print("--lm-head-int8 is for the cpu target, without --quantize-lm-head", file=sys.stderr)
         return 2
     if args.target == "gpu":
         from compress.kernels import cuda_w4a16

@@ -44,9 +44,11 @@ def lib(request):
     (64, 176, 16, True, True, True, 2),      # group of one 16-code chunk
     (130, 512, 128, False, False, False, 16),  # decode batch 16
 ])
-def test_native_matches_float64_reference(lib, n, k, gs, sym, act, bias, m):
-    layer = make_layer(n, k, gs, sym, act, bias, seed=n + k)
-    wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, layer.bias, lib=lib)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_matches_float64_reference(lib, n, k, gs, sym, act, bias, m, bits):
+    layer = make_layer(n, k, gs, sym, act, bias, seed=n + k, bits=bits)
+    wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, bits, layer.bias, lib=lib)
+    assert wt.code_bits == bits and wt.packed.numel() == wt.rows * k * bits // 8
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     y = cpu_native.matmul(x, wt)
     assert y.dtype == torch.float32 and y.shape == (m, n)
@@ -61,10 +63,13 @@ def test_native_matches_float64_reference(lib, n, k, gs, sym, act, bias, m):
     assert rel_err(y3, reference(layer, x3.float())) < 1e-2
 
 
-def test_native_pack_dequantize_and_codes_round_trip(lib):
-    layer = make_layer(40, 96, 32, False, True, True, seed=3)
-    wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, layer.bias, lib=lib)
-    assert wt.packed.shape == (48 * 48,) and wt.packed.dtype == torch.uint8 and wt.rows == 48  # 40 rows padded to 48
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_pack_dequantize_and_codes_round_trip(lib, bits):
+    layer = make_layer(40, 96, 32, False, True, True, seed=3, bits=bits)
+    wt = cpu_native.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, bits, layer.bias, lib=lib)
+    # 40 rows padded to 48, half a byte or a byte per code
+    assert wt.packed.shape == (48 * 96 * bits // 8,) and wt.packed.dtype == torch.uint8 and wt.rows == 48
+    assert int(layer.qweight.max()) > 15 if bits == 8 else True  # the 8-bit case really uses the high nibble
     assert torch.equal(wt.restore_codes(), layer.qweight)
     assert torch.allclose(cpu_native.dequantize(wt), layer.dequantize(), rtol=0, atol=1e-6)
 
@@ -97,7 +102,8 @@ def test_native_extreme_zero_points_and_scales():
 
 def test_native_refuses_what_it_cannot_tile():
     assert cpu_native.unsupported_reason(4, 96, 24) is not None  # group not a multiple of 16
-    assert cpu_native.unsupported_reason(8, 256, 128) is not None  # 8-bit codes
+    assert cpu_native.unsupported_reason(16, 256, 128) is not None  # 16-bit codes
+    assert cpu_native.unsupported_reason(8, 256, 128) is None  # 8-bit codes: one byte each
     assert cpu_native.unsupported_reason(3, 256, 128) is None  # codes < 16 run unchanged
     layer = make_layer(8, 72, 24, True, False, False)
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -193,3 +199,93 @@ def test_c_kernel_is_one_opaque_op_under_torch_compile():
         assert y.shape == (1, rows, 48)
         assert rel_err(y, reference(layer, x)) < 5e-6
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- 8-bit layers and the INT8 lm_head
+
+def _tiny_tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=200, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_an_8bit_layer_runs_the_c_kernel_through_accelerate():
+    layer = make_layer(40, 128, 64, False, False, True, seed=4, bits=8)
+    x = torch.randn(3, 128)
+    report = accelerate(nn.Sequential(layer), backend="cpu-int4")
+    assert report.counts() == {"cpu-int4": 1} and "compress C kernel" in next(iter(report.reasons.values()))
+    with torch.no_grad():
+        assert rel_err(layer(x), reference(layer, x)) < 5e-6
+    layer.set_backend(None)  # the dequantize forward gets the codes back, all 256 values intact
+    assert int(layer.qweight.max()) > 15 and rel_err(layer(x), reference(layer, x)) < 1e-6
+
+
+def test_int8_lm_head_quantizes_untied_and_restores():
+    from compress.kernels.lm_head import quantize_lm_head, restore_lm_head
+
+    model = _tiny_tied_llama()
+    emb = model.get_input_embeddings().weight
+    ids = torch.randint(0, 200, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        swap = quantize_lm_head(model)
+        head = model.get_output_embeddings()
+        assert isinstance(head, QuantizedLinear) and head.bits == 8 and head.scales.shape == (200, 1)
+        assert swap.tied and not model.config.tie_word_embeddings
+        model.tie_weights()  # must not put the float weight back over the codes
+        assert model.get_output_embeddings() is head and model.get_input_embeddings().weight is emb
+        assert swap.float_bytes == 200 * 64 * 4 and swap.quantized_bytes == 200 * 64 + 200 * 8
+        q_ref = model(ids).logits
+        # 8 bits per output row: logits within a few 1e-3 of the float model (RTN error, not the kernel's)
+        assert 0 < rel_err(q_ref, ref) < 1e-2
+        report = accelerate(model, cpu_prefill="fp32")
+        assert report.layers["lm_head"] == "cpu-int4"
+        assert rel_err(model(ids[:, :1]).logits, q_ref[:, :1]) < 1e-5  # decode: the C kernel's 8-bit path
+        restore_lm_head(model, swap)
+        assert model.get_output_embeddings().weight is emb and model.config.tie_word_embeddings
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_int8_lm_head_refuses_what_it_cannot_do():
+    from compress.kernels.lm_head import quantize_lm_head
+
+    with pytest.raises(ConfigError, match="bits"):
+        quantize_lm_head(_tiny_tied_llama(), bits=3)
+    with pytest.raises(ConfigError, match="does not divide"):
+        quantize_lm_head(_tiny_tied_llama(), group_size=48)
+    with pytest.raises(ConfigError, match="not an nn.Linear"):
+        quantize_lm_head(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_bench_int8_lm_head_flag(tmp_path, capsys):
+    import argparse
+    import json
+
+    from compress.commands import bench
+    from compress.errors import CompressError
+    from compress.formats import save_checkpoint
+
+    save_checkpoint(tiny_quantized_model(), None, tmp_path / "ck")
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    common = ["--device", "cpu", "--prompt", "8", "--generate", "3", "--repeats", "1", "--warmup", "0", "--json"]
+    args = parser.parse_args(["bench", str(tmp_path / "ck"), *common, "--lm-head", "int8"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lm_head"] == "int8" and out["kernels"] == {"cpu-int4": 15}  # 14 decoder layers + the lm_head
+    assert out["lm_head_detail"]["bits"] == 8 and out["lm_head_detail"]["quantized_bytes"] < out["lm_head_detail"][
+        "float_bytes"] / 3
+    assert out["decode_tokens_per_s"] > 0 and out["baseline_decode_tokens_per_s"] > 0
+    assert "lm_head int8" in bench.format_table(out)
+    with pytest.raises(SystemExit):  # argparse names the allowed values
+        parser.parse_args(["bench", str(tmp_path / "ck"), "--lm-head", "int4"])
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=64)).save_pretrained(tmp_path / "plain")
+    args = parser.parse_args(["bench", str(tmp_path / "plain"), *common, "--lm-head", "int8"])
+    with pytest.raises(CompressError, match="needs a quantized checkpoint"):
+        bench.run_bench(args)

@@ -31,12 +31,12 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def make_layer(n: int, k: int, gs: int, symmetric: bool, act_order: bool, bias: bool, seed: int = 0,
-               device: str = "cpu") -> QuantizedLinear:
+               device: str = "cpu", bits: int = 4) -> QuantizedLinear:
     """A QuantizedLinear from RTN codes of a random weight; with act_order, a random g_idx
     permutation of the group assignment (as GPTQ desc_act produces)."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen)
-    q, s, z = rtn_quantize(w, 4, gs, symmetric)
+    q, s, z = rtn_quantize(w, bits, gs, symmetric)
     g = default_g_idx(k, gs)
     if act_order:
         perm = torch.randperm(k, generator=gen)
@@ -44,7 +44,7 @@ def make_layer(n: int, k: int, gs: int, symmetric: bool, act_order: bool, bias: 
         g[perm] = (torch.arange(k) // (k if gs == -1 else gs)).to(torch.int32)
         q = q[:, torch.argsort(perm)]
     b = torch.randn(n, generator=gen) if bias else None
-    layer = QuantizedLinear.from_codes(q, s, z, g, 4, gs, symmetric, b, act_order)
+    layer = QuantizedLinear.from_codes(q, s, z, g, bits, gs, symmetric, b, act_order)
     return layer.to(device)
 
 

@@ -11,13 +11,21 @@ from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
 
+#: --lm-head: the checkpoint's own lm_head, or RTN 8-bit codes per output row (compress.kernels.lm_head)
+LM_HEAD_MODES = ("float", "int8")
+
 HELP = "measure prefill latency and decode tokens/s of a checkpoint with the fast INT4 kernels"
 
 DESCRIPTION = """\
 Loads CHECKPOINT (a compress checkpoint: compressed-tensors or GPTQ) with its quantized layers on the
-fastest available kernel (Triton W4A16 on CUDA, torch's int4 kernel on the CPU, else the
-dequantize fallback; a warning names the path that ran), then times one prefill over a random
-prompt and GENERATE greedy decode steps, and does the same for the uncompressed model.
+fastest available kernel (our CUDA W4A16 kernel or Triton on a GPU, our C kernel or torch's int4
+kernel on the CPU, else the dequantize fallback; a warning names the path that ran), then times one
+prefill over a random prompt and GENERATE greedy decode steps, and does the same for the
+uncompressed model.
+
+--lm-head int8 (CPU): the checkpoint's float lm_head is quantized at load to 8-bit codes, one scale
+and zero point per output row, and runs on the C kernel; the baseline keeps the float lm_head, and
+the JSON's "lm_head" fields say so. What it costs in perplexity: docs/kernels.md.
 
 The uncompressed baseline is --baseline PATH (a plain Hugging Face folder) when given; otherwise it
 is the checkpoint's own layers dequantized to dense float weights (same shapes and dtype, so the
@@ -31,6 +39,7 @@ Timing: on a GPU with a transformers StaticCache, the decode step captured in a 
 examples:
   compress bench out/llama-w4g128 --device cuda --prompt 512 --generate 128
   compress bench out/smollm2-w4g64 --device cpu --prompt 128 --generate 32 --json
+  compress bench out/smollm2-w4g64 --device cpu --lm-head int8
   compress bench out/llama-w4g128 --baseline meta-llama/Llama-2-7b-hf --mode eager
 """
 
@@ -80,6 +89,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="CPU INT4 path, few activation rows: native = our C kernel (fp32 arithmetic, built for this "
                         "CPU on first use), torch = torch's int4 kernel (bf16), auto = native where it builds "
                         "(default: auto)")
+    r.add_argument("--lm-head", default="float", choices=list(LM_HEAD_MODES),
+                   help="CPU: float = the checkpoint's lm_head as stored; int8 = quantized at load (RTN, 8 bits, one "
+                        "scale per output row) onto the C kernel, a quarter of the bytes per token; the baseline "
+                        "keeps the float lm_head (default: float)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     o.add_argument("--output", default=None, metavar="FILE", help="also write the JSON object to FILE")
@@ -175,13 +188,22 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                               "batch": args.batch, "prompt": args.prompt, "generate": args.generate,
                               "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "inductor_pdl": args.inductor_pdl, "cpu_prefill": args.cpu_prefill,
-                              "cpu_kernel": args.cpu_kernel}
+                              "cpu_kernel": args.cpu_kernel, "lm_head": args.lm_head}
+    if args.lm_head != "float" and not quantized:
+        raise CompressError(f"--lm-head {args.lm_head} needs a quantized checkpoint; {folder} is timed alone as "
+                            "the baseline")
     with torch.inference_mode():
         if quantized:
             from compress.formats import load_quantized
 
             model, _ = load_quantized(folder, device=str(device), dtype=dtype)
             model.to(device)
+            swap = None
+            if args.lm_head == "int8":
+                from compress.kernels.lm_head import quantize_lm_head
+
+                swap = quantize_lm_head(model, bits=8, group_size=-1, symmetric=False)
+                result["lm_head_detail"] = swap.as_dict()
             report = accelerate(model, backend=args.backend, fuse=args.fuse, pdl=args.pdl,
                                 cpu_prefill=args.cpu_prefill, fuse_blocks=args.fuse_blocks,
                                 cpu_kernel=args.cpu_kernel)
@@ -200,6 +222,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             comp = _measure(model, args, device)
             result.update({k: comp[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "mode")})
             result["runs"] = {"compressed": comp}
+            if swap is not None:  # the baseline is the checkpoint as stored: float lm_head
+                from compress.kernels.lm_head import restore_lm_head
+
+                restore_lm_head(model, swap)
             if args.baseline is None:
                 n = _densify(model)
                 result["baseline"] = f"checkpoint dequantized to dense {result['dtype']} ({n} layers)"
@@ -246,6 +272,8 @@ def format_table(r: dict[str, Any]) -> str:
     head = (f"{r['checkpoint']} on {r['device']} ({r['dtype']}, {r['mode']}), batch {r['batch']}, "
             f"prompt {r['prompt']}, generate {r['generate']}; kernels {r['kernels'] or 'none'}; "
             f"baseline: {r['baseline']}")
+    if r.get("lm_head", "float") != "float":
+        head += f"; lm_head {r['lm_head']} at load (the baseline's lm_head is float)"
     return head + "\n" + "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""CPU INT4 path of our own: a C kernel (``cpu/int4_gemv.c``) compiled once per machine at run time.
+"""CPU INT4 (and INT8) path of our own: a C kernel (``cpu/int4_gemv.c``) compiled once per machine at run time.
 
 Why not only torch's ``_weight_int4pack_mm_for_cpu`` (``cpu_int4``): it computes in bf16, so every call
 converts activations to bf16 and the result back, and on AVX2-only CPUs it was slower than the fp32
@@ -17,7 +17,9 @@ Layout (``repack``): columns sorted by group (``layout.contiguous_group_order``)
 multiple of 16 and taken 16 at a time, one 8-byte chunk per column holding those rows' codes in the
 order the compiled ISA unpacks (``c4_pack``), so the kernel computes 16 outputs per vector without
 horizontal sums; fp32 scales and zero-point terms as 16-float vectors per row block and group.
-Groups must be a multiple of 16 columns. Codes of fewer than 4 bits run unchanged.
+Groups must be a multiple of 16 columns. Codes of fewer than 4 bits run unchanged; codes of 5 to 8
+bits are packed one byte each (16-byte chunks), so W8 layers and a runtime INT8 lm_head
+(``compress.kernels.lm_head``) run on the same kernel.
 
 Prefill-sized inputs take ``dense_matmul`` (blocks of the weight dequantized just before their GEMM);
 ``dispatch`` picks by row count. Under ``torch.compile`` the installed forward is the custom op
@@ -128,15 +130,16 @@ def load(march: str = "native") -> ctypes.CDLL:
         raise NativeUnavailable("; ".join(errors))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.c4_isa.restype = ctypes.c_int
-    lib.c4_pack.argtypes = [ptr, ptr, i64, i64]
+    cint = ctypes.c_int
+    lib.c4_pack.argtypes = [ptr, ptr, i64, i64, cint]
     lib.c4_pack.restype = None
-    lib.c4_unpack.argtypes = [ptr, ptr, i64, i64]
+    lib.c4_unpack.argtypes = [ptr, ptr, i64, i64, cint]
     lib.c4_unpack.restype = None
-    lib.c4_zero_term.argtypes = [ptr, ptr, ptr, i64]
+    lib.c4_zero_term.argtypes = [ptr, ptr, ptr, i64, cint]
     lib.c4_zero_term.restype = None
-    lib.c4_dequant_t.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ctypes.c_int]
+    lib.c4_dequant_t.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, cint, cint]
     lib.c4_dequant_t.restype = None
-    lib.c4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.c4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, cint, cint]
     lib.c4_gemm.restype = ctypes.c_int
     lib.openmp = openmp
     return lib
@@ -157,10 +160,15 @@ def describe(lib: ctypes.CDLL | None = None) -> str:
     return f"compress C kernel ({isa}{', OpenMP' if lib.openmp else ', one thread'}), fp32 activations"
 
 
+def code_width(bits: int) -> int:
+    """The packed width of ``bits``-bit codes: 4 (nibbles) up to 4 bits, else 8 (bytes)."""
+    return 4 if bits <= 4 else 8
+
+
 def unsupported_reason(bits: int, in_features: int, group: int) -> str | None:
     """Why a layer cannot run on this path, or None. ``group`` is the contiguous group width."""
-    if bits > 4:
-        return f"{bits}-bit codes (the C kernel takes at most 4)"
+    if bits > 8:
+        return f"{bits}-bit codes (the C kernel takes at most 8)"
     if group % CHUNK or in_features % CHUNK:
         return f"group of {group} columns is not a multiple of {CHUNK}"
     return None
@@ -169,9 +177,10 @@ def unsupported_reason(bits: int, in_features: int, group: int) -> str | None:
 @dataclass
 class NativeInt4Weight:
     """A layer packed for the C kernel. Rows are padded to a multiple of 16 (``rows``); scales and
-    zero-point terms are stored per block of 16 rows and group (``sc``, ``cz``: [rows / 16, groups, 16])."""
+    zero-point terms are stored per block of 16 rows and group (``sc``, ``cz``: [rows / 16, groups, 16]).
+    Codes of up to 4 bits are packed as nibbles, 5 to 8 bits as bytes (``code_bits``)."""
 
-    packed: torch.Tensor  # uint8 [rows * K / 2]: blocks of 16 rows, one 8-byte chunk per column
+    packed: torch.Tensor  # uint8 [rows * K * code_bits / 8]: blocks of 16 rows, one chunk per column
     sc: torch.Tensor  # float32 [rows / 16, K / group, 16]
     cz: torch.Tensor  # float32, same shape: the coefficient of a group's activation sum
     group: int
@@ -180,6 +189,7 @@ class NativeInt4Weight:
     in_features: int
     out_features: int
     lib: ctypes.CDLL  # the library that packed it (the chunk order depends on its ISA)
+    code_bits: int = 4  # 4 (nibbles) or 8 (bytes): code_width of the layer's bits
 
     @property
     def rows(self) -> int:
@@ -197,7 +207,7 @@ class NativeInt4Weight:
         """The uint8 codes [N, K] in the original column order, exactly as packed."""
         k = self.in_features
         codes = torch.empty(self.rows, k, dtype=torch.uint8)
-        self.lib.c4_unpack(self.packed.data_ptr(), codes.data_ptr(), self.rows, k)
+        self.lib.c4_unpack(self.packed.data_ptr(), codes.data_ptr(), self.rows, k, self.code_bits)
         return layout.original_order(codes[: self.out_features].contiguous(), self.perm)
 
 
@@ -221,19 +231,20 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
     if reason:
         raise ValueError(reason)
     rows = -(-n // 16) * 16  # padded rows: code 0, scale 0, so they compute 0 and are cut off
+    cbits = code_width(bits)
     codes = _pad_rows(layout.ordered_codes(qweight, order).to(device="cpu", dtype=torch.uint8), rows).contiguous()
-    packed = torch.empty(rows * k // 2, dtype=torch.uint8)
-    lib.c4_pack(codes.data_ptr(), packed.data_ptr(), rows, k)
+    packed = torch.empty(rows * k * cbits // 8, dtype=torch.uint8)
+    lib.c4_pack(codes.data_ptr(), packed.data_ptr(), rows, k, cbits)
     s = _pad_rows(scales.detach().to(device="cpu", dtype=torch.float32), rows)
     sz = s * _pad_rows(zeros.detach().to(device="cpu", dtype=torch.float32), rows)
     sc, szb = _blocked(s), _blocked(sz)
     cz = torch.empty_like(sc)
-    lib.c4_zero_term(sc.data_ptr(), szb.data_ptr(), cz.data_ptr(), sc.numel())
+    lib.c4_zero_term(sc.data_ptr(), szb.data_ptr(), cz.data_ptr(), sc.numel(), cbits)
     return NativeInt4Weight(
         packed=packed, sc=sc, cz=cz, group=order.group_size,
         perm=None if order.perm is None else order.perm.to(torch.int64).contiguous(),
         bias=None if bias is None else _pad_rows(bias.detach().to(device="cpu", dtype=torch.float32), rows).contiguous(),
-        in_features=k, out_features=n, lib=lib)
+        in_features=k, out_features=n, lib=lib, code_bits=cbits)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -254,7 +265,7 @@ def matmul(x: torch.Tensor, wt: NativeInt4Weight) -> torch.Tensor:
     m = xf.numel() // k
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)
     if m and wt.lib.c4_gemm(xf.data_ptr(), m, k, packed, sc, cz, rows, g, perm, bias, y.data_ptr(),
-                            torch.get_num_threads()):
+                            torch.get_num_threads(), wt.code_bits):
         raise MemoryError("c4_gemm could not allocate its activation scratch")
     y = _cut(y, wt.out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -265,8 +276,8 @@ def _dequant_t(wt: NativeInt4Weight, r0: int, r: int, out: torch.Tensor) -> None
     columns)."""
     _, packed, sc, cz, *_ = wt.args
     ng = wt.in_features // wt.group
-    wt.lib.c4_dequant_t(packed + r0 * (wt.in_features // 2), sc + 4 * r0 * ng, cz + 4 * r0 * ng, r,
-                        wt.in_features, wt.group, out.data_ptr(), r, torch.get_num_threads())
+    wt.lib.c4_dequant_t(packed + r0 * wt.in_features * wt.code_bits // 8, sc + 4 * r0 * ng, cz + 4 * r0 * ng, r,
+                        wt.in_features, wt.group, out.data_ptr(), r, torch.get_num_threads(), wt.code_bits)
 
 
 def dequantize(wt: NativeInt4Weight, sorted_columns: bool = False) -> torch.Tensor:
