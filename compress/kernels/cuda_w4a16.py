@@ -52,13 +52,17 @@ CHUNK = 32  # columns per 16-byte load
 
 _SOURCE = cuda_source("w4a16.cu")  # CUDA C++: cuda/common.cuh + cuda/w4a16.cu
 
-#: Whether ``repack`` stores (codes, scales and zero points) tile-major (``layout.tile_major``,
-#: ``layout.tile_groups``); the kernels read either layout (``TILED`` / ``SZT`` in the source). Off:
-#: the tile-major reads are written and their layout math is tested on the CPU, but they have not
-#: run on a GPU yet (``bench/layout_probe.py`` times and checks them in one call; docs/kernels.md).
-TILE_MAJOR = (False, False)
-#: the layouts by name, for the benchmarks' ``--tile-major``: row-major, tile-major codes, both
-TILE_LAYOUTS = {"row": (False, False), "codes": (True, False), "both": (True, True)}
+#: What ``repack`` writes for this kernel: (codes tile-major (``layout.tile_major``), scales and zero
+#: points tile-major (``layout.tile_groups``), weight copies with an L2 evict-first policy). The
+#: kernels read every combination (``TILED`` / ``SZT`` / ``EVF`` in the source). All three on since
+#: session 11: on an H100 they took batch-1 speedups over fp16 from 3.33-3.67x (row-major, the
+#: layout until then) to 3.74-3.91x on the five Llama shapes, the best of the five variants on every
+#: shape (``python3 bench/layout_probe.py --stages 2``, docs/kernels.md).
+TILE_MAJOR = (True, True, True)
+#: the layouts by name, for the benchmarks' ``--tile-major``: row-major, tile-major codes, both,
+#: both with evict-first weight copies (the default)
+TILE_LAYOUTS = {"row": (False, False, False), "codes": (True, False, False), "both": (True, True, False),
+                "both_evf": (True, True, True)}
 
 _GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH is always 0
 

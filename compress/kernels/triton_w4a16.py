@@ -339,7 +339,7 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
     codes = layout.ordered_codes(qweight.to(device), order)
     # Symmetric grids store z = 8 everywhere; only then may the kernel drop the zero-point load.
     sym = bool(symmetric) and bool((zeros == 8).all())
-    tiled = (False, False)
+    tiled = (False, False, False)  # (codes, scales/zeros) tile-major, evict-first copies: cuda_w4a16.TILE_MAJOR
     if kernel == "cuda":
         words, width = layout.pack_chunked(codes), 1
         sdtype = scales.dtype if scales.dtype in (torch.float16, torch.bfloat16) else torch.float16
@@ -357,7 +357,7 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
         words=words,
         scales=scales_g.to(device),
         zeros=None if zeros_g is None else zeros_g.to(device),
-        codes_tiled=tiled[0], sz_tiled=tiled[1],
+        codes_tiled=tiled[0], sz_tiled=tiled[1], evict_first=tiled[2],
         perm=None if order.perm is None else order.perm.to(torch.int32).to(device),
         bias=None if bias is None else bias.detach().to(torch.float32).to(device),
         in_features=k, out_features=n, group=order.group_size, width=width, kernel=kernel,
