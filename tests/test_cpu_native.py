@@ -289,3 +289,25 @@ def test_bench_int8_lm_head_flag(tmp_path, capsys):
     args = parser.parse_args(["bench", str(tmp_path / "plain"), *common, "--lm-head", "int8"])
     with pytest.raises(CompressError, match="needs a quantized checkpoint"):
         bench.run_bench(args)
+
+
+def test_bench_compile_mode_on_the_cpu(tmp_path, capsys):
+    # --mode compile on the CPU: both models torch.compile'd over a static cache; the C kernel is one
+    # opaque op in the graph, so the compiled model runs it (the JSON says compile, with warm-up apart)
+    import argparse
+    import json
+
+    from compress.commands import bench
+    from compress.formats import save_checkpoint
+
+    save_checkpoint(tiny_quantized_model(), None, tmp_path / "ck")
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", str(tmp_path / "ck"), "--device", "cpu", "--prompt", "8", "--generate", "3",
+                              "--repeats", "1", "--warmup", "0", "--mode", "compile", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "compile" and out["kernels"] == {"cpu-int4": 14}
+    for run in ("compressed", "baseline"):
+        r = out["runs"][run]
+        assert r["mode"] == "compile" and r["warmup_s"] > 0 and r["decode_ms_per_token"] > 0 and r["prefill_ms"] > 0

@@ -33,7 +33,7 @@ difference is the kernel and the bytes). A CHECKPOINT without quantization_confi
 
 Timing: on a GPU with a transformers StaticCache, the decode step captured in a CUDA graph
 (--mode cuda_graph, default) or run eagerly; on the CPU eagerly with a DynamicCache
-(compress.eval.latency). Medians over --repeats runs after --warmup runs. Prompt ids are random
+(compress.eval.latency), or with --mode compile both models torch.compile'd over a StaticCache. Medians over --repeats runs after --warmup runs. Prompt ids are random
 (seeded): speed does not depend on the text.
 
 examples:
@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="kernel for the quantized layers (default: auto)")
     r.add_argument("--mode", default="cuda_graph", choices=["cuda_graph", "eager", "compile"],
                    help="GPU timing: decode step captured in a CUDA graph, eager, or torch.compile'd and then "
-                        "captured (default: cuda_graph)")
+                        "captured (default: cuda_graph). CPU: compile = both models torch.compile'd over a static "
+                        "KV cache (minutes of compilation each, reported apart); otherwise eager")
     r.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="GPU: one launch per quantized layer (default: q/k/v and gate/up stacked into one launch each)")
     r.add_argument("--no-fuse-blocks", dest="fuse_blocks", action="store_false",
@@ -138,8 +139,13 @@ def _measure(model, args: argparse.Namespace, device) -> dict[str, Any]:
 
         return time_generation(model, args.prompt, args.generate, args.batch, mode=args.mode,
                                repeats=args.repeats, warmup=args.warmup, inductor_pdl=args.inductor_pdl)
-    from compress.eval.latency import measure_latency
+    from compress.eval.latency import measure_compiled_latency, measure_latency
 
+    if args.mode == "compile":
+        r = measure_compiled_latency(model, args.prompt, args.generate, args.batch, repeats=args.repeats,
+                                     warmup=args.warmup)
+        r["decode_tokens_per_s"] = args.batch * 1e3 / r["decode_ms_per_token"]
+        return r
     r = measure_latency(model, args.prompt, args.generate, args.batch, repeats=args.repeats,
                         warmup=args.warmup)
     r["mode"] = "eager"
