@@ -403,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-head-int8", action="store_true",
                     help="cpu: the lm_head RTN 8-bit, one scale per output row, on the C kernel's 8-bit path "
                          "(compress.kernels.lm_head; as compress bench --lm-head int8)")
-    ap.add_argument("--tile-major", default="both_evf", choices=sorted(TILE_LAYOUTS),
-                    help="gpu: the layout repack writes for the CUDA kernel (cuda_w4a16.TILE_MAJOR; default both_evf)")
+    ap.add_argument("--tile-major", default=None, choices=sorted(TILE_LAYOUTS),
+                    help="gpu: the layout repack writes for the CUDA kernel (cuda_w4a16.TILE_MAJOR; default: $COMPRESS_TILE_LAYOUT, else row-major)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.prompt = args.prompt or 128
@@ -419,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "gpu":
         from compress.kernels import cuda_w4a16
 
-        cuda_w4a16.TILE_MAJOR = TILE_LAYOUTS[args.tile_major]
+        if args.tile_major is not None:
+            cuda_w4a16.TILE_MAJOR = TILE_LAYOUTS[args.tile_major]
+        args.tile_major = next(name for name, v in TILE_LAYOUTS.items() if v == cuda_w4a16.TILE_MAJOR)
     result = run_gpu(args) if args.target == "gpu" else run_cpu(args)
     result["tile_major"] = args.tile_major
     result["torch"] = torch.__version__

@@ -186,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--large-m", default="512", help="extra prefill-sized batches (comma list, '' for none)")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x8192 (default: the five Llama shapes)")
-    ap.add_argument("--tile-major", default="both_evf", choices=sorted(cw.TILE_LAYOUTS),
-                    help="the layout repack writes for our kernel (cuda_w4a16.TILE_MAJOR; default both_evf)")
+    ap.add_argument("--tile-major", default=None, choices=sorted(cw.TILE_LAYOUTS),
+                    help="the layout repack writes for our kernel (cuda_w4a16.TILE_MAJOR; default: $COMPRESS_TILE_LAYOUT, else row-major)")
     args = ap.parse_args(argv)
-    cw.TILE_MAJOR = cw.TILE_LAYOUTS[args.tile_major]
+    if args.tile_major is not None:
+        cw.TILE_MAJOR = cw.TILE_LAYOUTS[args.tile_major]
+    args.tile_major = next(name for name, v in cw.TILE_LAYOUTS.items() if v == cw.TILE_MAJOR)  # for the JSON
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA GPU", file=sys.stderr)
         return 2

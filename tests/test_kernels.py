@@ -990,3 +990,15 @@ def test_act_order_test_layers_share_one_order_per_input():
     assert perms["model.layers.0.self_attn.q_proj"] is perms["model.layers.0.self_attn.v_proj"]
     assert not torch.equal(perms["model.layers.0.self_attn.q_proj"], perms["model.layers.0.self_attn.o_proj"])
     assert sorted(perms["model.layers.1.mlp.down_proj"].tolist()) == list(range(256))
+
+
+def test_tile_layout_env_picks_the_default_layout_and_rejects_unknown_names(monkeypatch):
+    from compress.kernels import cuda_w4a16 as cw
+
+    monkeypatch.delenv(cw.TILE_LAYOUT_ENV, raising=False)
+    assert cw._layout_from_env() == cw.TILE_LAYOUTS["row"]  # without the variable: row-major
+    monkeypatch.setenv(cw.TILE_LAYOUT_ENV, "both_evf")
+    assert cw._layout_from_env() == (True, True, True)
+    monkeypatch.setenv(cw.TILE_LAYOUT_ENV, "tiled")
+    with pytest.raises(ValueError, match="COMPRESS_TILE_LAYOUT='tiled': choose one of row, codes, both, both_evf"):
+        cw._layout_from_env()

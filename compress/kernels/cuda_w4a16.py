@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -54,15 +55,29 @@ _SOURCE = cuda_source("w4a16.cu")  # CUDA C++: cuda/common.cuh + cuda/w4a16.cu
 
 #: What ``repack`` writes for this kernel: (codes tile-major (``layout.tile_major``), scales and zero
 #: points tile-major (``layout.tile_groups``), weight copies with an L2 evict-first policy). The
-#: kernels read every combination (``TILED`` / ``SZT`` / ``EVF`` in the source). All three on since
-#: session 11: on an H100 they took batch-1 speedups over fp16 from 3.33-3.67x (row-major, the
-#: layout until then) to 3.74-3.91x on the five Llama shapes, the best of the five variants on every
-#: shape (``python3 bench/layout_probe.py --stages 2``, docs/kernels.md).
-TILE_MAJOR = (True, True, True)
-#: the layouts by name, for the benchmarks' ``--tile-major``: row-major, tile-major codes, both,
-#: both with evict-first weight copies (the default)
+#: kernels read every combination (``TILED`` / ``SZT`` / ``EVF`` in the source). On an H100 all three
+#: took batch-1 speedups over fp16 from 3.33-3.67x (row-major) to 3.74-3.91x on the five Llama shapes
+#: (session 11, ``python3 bench/layout_probe.py --stages 2``, docs/kernels.md), every candidate config
+#: checked against the dequantized weight at one row. The default stays row-major until the GPU test
+#: suite has run on the tile-major kernels (other row counts, bf16, act-order, fused epilogues and
+#: the dequantize kernel of the prefill path have not run on a GPU yet); opt in with
+#: ``cuda_w4a16.TILE_MAJOR = cuda_w4a16.TILE_LAYOUTS["both_evf"]`` before ``accelerate``, or for a
+#: whole process (e.g. the GPU test suite) ``$COMPRESS_TILE_LAYOUT`` = one of TILE_LAYOUTS' names.
+#: the layouts by name, for the benchmarks' ``--tile-major``: row-major (the default), tile-major
+#: codes, both, both with evict-first weight copies (the fastest measured)
 TILE_LAYOUTS = {"row": (False, False, False), "codes": (True, False, False), "both": (True, True, False),
                 "both_evf": (True, True, True)}
+TILE_LAYOUT_ENV = "COMPRESS_TILE_LAYOUT"
+
+
+def _layout_from_env() -> tuple[bool, bool, bool]:
+    name = os.environ.get(TILE_LAYOUT_ENV) or "row"
+    if name not in TILE_LAYOUTS:
+        raise ValueError(f"${TILE_LAYOUT_ENV}={name!r}: choose one of {', '.join(TILE_LAYOUTS)}")
+    return TILE_LAYOUTS[name]
+
+
+TILE_MAJOR = _layout_from_env()
 
 _GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH is always 0
 
