@@ -33,7 +33,8 @@ difference is the kernel and the bytes). A CHECKPOINT without quantization_confi
 
 Timing: on a GPU with a transformers StaticCache, the decode step captured in a CUDA graph
 (--mode cuda_graph, default) or run eagerly; on the CPU eagerly with a DynamicCache
-(compress.eval.latency), or with --mode compile both models torch.compile'd over a StaticCache. Medians over --repeats runs after --warmup runs. Prompt ids are random
+(compress.eval.latency), or with --mode compile both models torch.compile'd over a StaticCache
+(compilation timed apart). Medians over --repeats runs after --warmup runs. Prompt ids are random
 (seeded): speed does not depend on the text.
 
 examples:

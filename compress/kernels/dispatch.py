@@ -8,7 +8,7 @@ with ``QuantizedLinear.set_backend``. Paths, as the report names them:
 - ``triton``: the W4A16 Triton kernels (``triton_w4a16``), the other GPU layers; fp16/bf16
   activations. On both GPU paths other activation dtypes run the dequantize fallback for that call.
 - ``cpu-int4``: an INT4 kernel for layers on the CPU: our C kernel (``cpu_native``, fp32 arithmetic,
-  compiled for this CPU on first use) where it builds, else torch's int4 kernel (``cpu_int4``, bf16
+  compiled for this CPU on first use; it also takes 5- to 8-bit codes) where it builds, else torch's int4 kernel (``cpu_int4``, bf16
   arithmetic); ``cpu_kernel`` picks one explicitly. From a threshold of activation rows on (prefill)
   the layer is dequantized for that call and multiplied densely (faster there than either kernel):
   in bf16 where the CPU multiplies bf16 natively (AMX, AVX512-BF16; ``cpu_prefill="auto"``), else in
