@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.tile_major is not None:
             cuda_w4a16.TILE_MAJOR = TILE_LAYOUTS[args.tile_major]
-        args.tile_major = next(name for name, v in TILE_LAYOUTS.items() if v == cuda_w4a16.TILE_MAJOR)
+        args.tile_major = cuda_w4a16.tile_layout_name()
     result = run_gpu(args) if args.target == "gpu" else run_cpu(args)
     result["tile_major"] = args.tile_major
     result["torch"] = torch.__version__

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.tile_major is not None:
         cw.TILE_MAJOR = cw.TILE_LAYOUTS[args.tile_major]
-    args.tile_major = next(name for name, v in cw.TILE_LAYOUTS.items() if v == cw.TILE_MAJOR)  # for the JSON
+    args.tile_major = cw.tile_layout_name()  # for the JSON
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA GPU", file=sys.stderr)
         return 2

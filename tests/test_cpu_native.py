@@ -3,6 +3,8 @@ float64 reference on fresh random inputs (never zeros), plus packing, dequantiza
 and accelerate's choice between it and torch's kernel."""
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -261,9 +263,6 @@ def test_int8_lm_head_refuses_what_it_cannot_do():
 
 
 def test_bench_int8_lm_head_flag(tmp_path, capsys):
-    import argparse
-    import json
-
     from compress.commands import bench
     from compress.errors import CompressError
     from compress.formats import save_checkpoint
@@ -294,9 +293,6 @@ def test_bench_int8_lm_head_flag(tmp_path, capsys):
 def test_bench_compile_mode_on_the_cpu(tmp_path, capsys):
     # --mode compile on the CPU: both models torch.compile'd over a static cache; the C kernel is one
     # opaque op in the graph, so the compiled model runs it (the JSON says compile, with warm-up apart)
-    import argparse
-    import json
-
     from compress.commands import bench
     from compress.formats import save_checkpoint
 

@@ -145,11 +145,10 @@ def _measure(model, args: argparse.Namespace, device) -> dict[str, Any]:
     if args.mode == "compile":
         r = measure_compiled_latency(model, args.prompt, args.generate, args.batch, repeats=args.repeats,
                                      warmup=args.warmup)
-        r["decode_tokens_per_s"] = args.batch * 1e3 / r["decode_ms_per_token"]
-        return r
-    r = measure_latency(model, args.prompt, args.generate, args.batch, repeats=args.repeats,
-                        warmup=args.warmup)
-    r["mode"] = "eager"
+    else:
+        r = measure_latency(model, args.prompt, args.generate, args.batch, repeats=args.repeats,
+                            warmup=args.warmup)
+        r["mode"] = "eager"
     r["decode_tokens_per_s"] = args.batch * 1e3 / r["decode_ms_per_token"]
     return r
 

@@ -59,6 +59,19 @@ def _since(t0: _Times) -> _Times:
     return t1[0] - t0[0], t1[1] - t0[1]
 
 
+def _check_counts(generate: int, repeats: int, warmup: int, batch: int) -> None:
+    if generate <= 0 or repeats <= 0 or warmup < 0 or batch <= 0:
+        raise CompressError(f"need generate > 0, repeats > 0, warmup >= 0, batch > 0; got "
+                            f"generate={generate}, repeats={repeats}, warmup={warmup}, batch={batch}")
+
+
+def _run_meta(ids: torch.Tensor, generate: int, repeats: int, warmup: int, param: torch.Tensor) -> dict[str, Any]:
+    """The workload and setting keys both timing functions return."""
+    return {"prompt": int(ids.shape[1]), "generate": generate, "batch": int(ids.shape[0]), "repeats": repeats,
+            "warmup": warmup, "device": str(param.device), "dtype": str(param.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads()}
+
+
 @torch.inference_mode()
 def _one_run(model: nn.Module, ids: torch.Tensor, generate: int) -> tuple[_Times, list[_Times]]:
     """(wall, thread-CPU) seconds of the prefill and of each decode step."""
@@ -93,9 +106,7 @@ def measure_latency(model: nn.Module, prompt: int | torch.Tensor, generate: int,
     and ``cpu_*`` variants, and ``prompt, generate, batch, repeats, warmup, device, dtype, threads,
     clock``.
     """
-    if generate <= 0 or repeats <= 0 or warmup < 0 or batch <= 0:
-        raise CompressError(f"need generate > 0, repeats > 0, warmup >= 0, batch > 0; got "
-                            f"generate={generate}, repeats={repeats}, warmup={warmup}, batch={batch}")
+    _check_counts(generate, repeats, warmup, batch)
     param = next(model.parameters())
     if clock not in ("wall", "thread"):
         raise CompressError(f"clock must be 'wall' or 'thread', got {clock!r}")
@@ -127,14 +138,7 @@ def measure_latency(model: nn.Module, prompt: int | torch.Tensor, generate: int,
         "cpu_prefill_ms": statistics.median(runs["cpu_prefill"]),
         "cpu_decode_ms_per_token": statistics.median(runs["cpu_decode"]),
         "clock": clock,
-        "prompt": int(ids.shape[1]),
-        "generate": generate,
-        "batch": int(ids.shape[0]),
-        "repeats": repeats,
-        "warmup": warmup,
-        "device": str(param.device),
-        "dtype": str(param.dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(),
+        **_run_meta(ids, generate, repeats, warmup, param),
     }
 
 
@@ -151,9 +155,7 @@ def measure_compiled_latency(model: nn.Module, prompt: int | torch.Tensor, gener
     """
     from compress.kernels.gpu_timing import _Steps
 
-    if generate <= 0 or repeats <= 0 or warmup < 0 or batch <= 0:
-        raise CompressError(f"need generate > 0, repeats > 0, warmup >= 0, batch > 0; got "
-                            f"generate={generate}, repeats={repeats}, warmup={warmup}, batch={batch}")
+    _check_counts(generate, repeats, warmup, batch)
     param = next(model.parameters())
     if param.device.type != "cpu":
         raise CompressError("measure_compiled_latency times CPU models (on a GPU: gpu_timing.time_generation)")
@@ -189,12 +191,5 @@ def measure_compiled_latency(model: nn.Module, prompt: int | torch.Tensor, gener
         "warmup_s": warm,
         "mode": "compile",
         "clock": "wall",
-        "prompt": int(ids.shape[1]),
-        "generate": generate,
-        "batch": int(ids.shape[0]),
-        "repeats": repeats,
-        "warmup": warmup,
-        "device": str(param.device),
-        "dtype": str(param.dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(),
+        **_run_meta(ids, generate, repeats, warmup, param),
     }

@@ -79,6 +79,11 @@ def _layout_from_env() -> tuple[bool, bool, bool]:
 
 TILE_MAJOR = _layout_from_env()
 
+
+def tile_layout_name() -> str:
+    """The TILE_LAYOUTS name of the layout ``repack`` writes now (``TILE_MAJOR``; for benchmark JSON)."""
+    return next(name for name, value in TILE_LAYOUTS.items() if value == TILE_MAJOR)
+
 _GCH_PER_CHANNEL = 1 << 30  # "chunks per group" for one group per row: c / GCH is always 0
 
 
