@@ -38,6 +38,7 @@ from compress.kernels import accelerate, fused_block, tune_triton  # noqa: E402
 from compress.kernels.cuda_w4a16 import TILE_LAYOUTS  # noqa: E402
 from compress.kernels.dispatch import CPU_PREFILL, packed_weights  # noqa: E402
 from compress.nn.qlinear import QuantizedLinear  # noqa: E402
+from compress.modeling import cache_keyword, output_cache  # noqa: E402
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -106,15 +107,15 @@ def linear_share(model: nn.Module, vocab: int, steps: int = 10, rounds: int = 3)
         m._backend = timed_backend(fn)  # attributes of the installed forward are not needed here
     try:
         out = model(torch.randint(0, vocab, (1, 32)), use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, tok = {cache_keyword(model): output_cache(out)}, out.logits[:, -1:].argmax(-1)
         for _ in range(3):
-            model(tok, past_key_values=past, use_cache=True)
+            model(tok, **past, use_cache=True)
         best = None
         for _ in range(rounds):
             spent[0] = 0.0
             t0 = time.perf_counter()
             for _ in range(steps):
-                model(tok, past_key_values=past, use_cache=True)
+                model(tok, **past, use_cache=True)
             step, lin = (time.perf_counter() - t0) / steps * 1e3, spent[0] / steps * 1e3
             if best is None or step < best["step_ms"]:
                 best = {"step_ms": step, "linear_ms": lin, "linear_calls": len(mods)}

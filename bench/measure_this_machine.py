@@ -165,13 +165,16 @@ def _decode_step_times(model, steps: int, now) -> list[float]:
     from transformers import DynamicCache
 
     ids = torch.randint(0, 512, (1, 32))
+    from compress.modeling import cache_keyword
+
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}  # filled in place by each forward
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        out = model(input_ids=ids, **cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         ts = []
         for _ in range(steps):
             t0 = now()
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=nxt, **cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             ts.append(now() - t0)
     return ts

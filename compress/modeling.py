@@ -1,6 +1,7 @@
 """Loading models and tokenizers: hub id, local folder, or .gguf file; safetensors only by default."""
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,23 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: str  # where the weights came from (resolved path or hub id)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword ``model.forward`` takes its KV cache by. transformers 5.25 renamed
+    ``past_key_values`` to ``cache`` (the old name still works there but warns of its removal in
+    5.40); older versions, e.g. the GPU machine's 5.17, know only ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name (see ``cache_keyword``)."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
 
 
 def resolve_device(device: str) -> torch.device:

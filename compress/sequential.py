@@ -94,6 +94,7 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Te
     if len(inputs) != len(input_ids):
         raise CompressError("could not capture the inputs of the first decoder block")
     kwargs_seen.pop("past_key_values", None)
+    kwargs_seen.pop("cache", None)  # transformers >= 5.25's name for it
     kwargs_seen.pop("past_key_value", None)
     kwargs_seen["use_cache"] = False
     return inputs, kwargs_seen

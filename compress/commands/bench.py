@@ -27,9 +27,12 @@ uncompressed model.
 and zero point per output row, and runs on the C kernel; the baseline keeps the float lm_head, and
 the JSON's "lm_head" fields say so. What it costs in perplexity: docs/kernels.md.
 
-The uncompressed baseline is --baseline PATH (a plain Hugging Face folder) when given; otherwise it
-is the checkpoint's own layers dequantized to dense float weights (same shapes and dtype, so the
-difference is the kernel and the bytes). A CHECKPOINT without quantization_config is timed alone.
+The uncompressed baseline is --baseline PATH (a folder, .gguf file or hub id) when given, or with
+--baseline original the model the checkpoint was made from (its report.json's model.name). Otherwise
+a quantized checkpoint is compared with its own layers dequantized to dense float weights (same
+shapes and dtype, so the difference is the kernel and the bytes), and a plain checkpoint (structurally
+pruned, sparse) with the model it was made from when its report.json names one (its parameter
+count against the baseline's is in the JSON), else it is timed alone.
 
 Timing: on a GPU with a transformers StaticCache, the decode step captured in a CUDA graph
 (--mode cuda_graph, default) or run eagerly; on the CPU eagerly with a DynamicCache
@@ -42,6 +45,7 @@ examples:
   compress bench out/smollm2-w4g64 --device cpu --prompt 128 --generate 32 --json
   compress bench out/smollm2-w4g64 --device cpu --lm-head int8
   compress bench out/llama-w4g128 --baseline meta-llama/Llama-2-7b-hf --mode eager
+  compress bench out/smollm2-depth4 --device cpu        # a pruned checkpoint against its original
 """
 
 
@@ -50,7 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="compress checkpoint folder (or a plain model folder)")
     p.add_argument("--baseline", default=None, metavar="PATH",
-                   help="uncompressed model folder to compare with (default: the checkpoint dequantized)")
+                   help="uncompressed model (folder, .gguf or hub id) to compare with, or 'original': the model "
+                        "the checkpoint was made from, as its report.json names it (default: a quantized "
+                        "checkpoint dequantized; a plain one, e.g. pruned, against 'original' where its "
+                        "report.json exists, else timed alone)")
     g = p.add_argument_group("workload")
     g.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
     g.add_argument("--prompt", type=int, default=512, help="prompt tokens (default: 512)")
@@ -175,6 +182,71 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CompressError(f"--threads must be positive, got {args.threads}")
 
 
+#: --baseline keyword: the model the checkpoint was made from, as its report.json names it
+ORIGINAL = "original"
+
+
+def _original_model(folder: Path) -> str | None:
+    """The model a compress run started from (report.json's model.name), or None without a report."""
+    path = folder / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text())["model"]["name"]
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s does not name the model it was made from (model.name)", path)
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def _baseline_source(folder: Path, args: argparse.Namespace, quantized: bool) -> str | None:
+    """What to load as the baseline; None: the checkpoint itself (dequantized when quantized).
+
+    Quantized checkpoints default to their own layers dequantized (same shapes: the difference is the
+    kernel and the bytes); plain ones (pruned, sparse) to the model they were made from, since their
+    point is the shapes or zeros that model did not have."""
+    if args.baseline == ORIGINAL:
+        name = _original_model(folder)
+        if name is None:
+            raise CompressError(f"--baseline {ORIGINAL}: {folder / 'report.json'} is missing or names no model "
+                                "(model.name); pass --baseline PATH")
+        return name
+    if args.baseline:
+        return args.baseline
+    return None if quantized else _original_model(folder)
+
+
+def _load_plain(path: str, dtype, device, what: str):
+    """A float model from a folder, .gguf file or hub id: safetensors only, no remote code (the
+    resolution rules of compress.modeling; no tokenizer needed, prompts are random ids)."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.modeling import check_weights_format, resolve_model_path
+
+    try:
+        target, gguf = resolve_model_path(path)
+        if gguf is None and Path(target).is_dir():
+            check_weights_format(Path(target), allow_pickle=False)
+        model = AutoModelForCausalLM.from_pretrained(target, gguf_file=gguf, dtype=dtype,
+                                                     use_safetensors=None if gguf else True)
+    except CompressError as e:
+        raise CompressError(f"{what}: {e}") from None
+    except OSError as e:
+        raise CompressError(f"{what}: could not load {path!r}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def _parameters(model) -> int:
+    """Float parameters (a QuantizedLinear's packed codes are buffers, so this is for float models)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _record(result: dict[str, Any], key: str, run: dict[str, Any]) -> None:
+    """Store the compressed model's run and its headline numbers."""
+    result.update({k: run[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "mode")})
+    result.setdefault("runs", {})[key] = run
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Load, accelerate and time the checkpoint and its baseline; returns the result dict."""
     import torch
@@ -196,8 +268,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                               "inductor_pdl": args.inductor_pdl, "cpu_prefill": args.cpu_prefill,
                               "cpu_kernel": args.cpu_kernel, "lm_head": args.lm_head}
     if args.lm_head != "float" and not quantized:
-        raise CompressError(f"--lm-head {args.lm_head} needs a quantized checkpoint; {folder} is timed alone as "
-                            "the baseline")
+        raise CompressError(f"--lm-head {args.lm_head} needs a quantized checkpoint; {folder} has no "
+                            "quantization_config")
+    source = _baseline_source(folder, args, quantized)
     with torch.inference_mode():
         if quantized:
             from compress.formats import load_quantized
@@ -225,14 +298,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
                 tuned = tune_triton(model, (args.batch,))  # decode rows; prefill dequantizes (M > 16)
                 result["tuned"] = {key_label(key): c.as_dict() for key, c in tuned.items()}
-            comp = _measure(model, args, device)
-            result.update({k: comp[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "mode")})
-            result["runs"] = {"compressed": comp}
+            _record(result, "compressed", _measure(model, args, device))
             if swap is not None:  # the baseline is the checkpoint as stored: float lm_head
                 from compress.kernels.lm_head import restore_lm_head
 
                 restore_lm_head(model, swap)
-            if args.baseline is None:
+            if source is None:
                 n = _densify(model)
                 result["baseline"] = f"checkpoint dequantized to dense {result['dtype']} ({n} layers)"
                 base_model = model
@@ -240,15 +311,29 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 base_model = None
             del model
         else:
-            log.warning("%s has no quantization_config: timing it alone as the baseline", folder)
+            # a plain folder (structurally pruned, sparse or dense): timed as it is, against the model
+            # it was made from where that is known (report.json), else alone
             result["kernels"] = {}
-            base_model = None
+            model = _load_plain(str(folder), dtype, device, "CHECKPOINT")
+            result["parameters"] = _parameters(model)
+            if source is None:
+                log.warning("%s has no quantization_config and no report.json naming the model it was made from: "
+                            "timing it alone (speedups 1.0); pass --baseline PATH to compare", folder)
+                base_model = model
+                result["baseline"] = str(folder)
+            else:
+                result["decode_attention"] = _install_attention(model, args, device)
+                _record(result, "compressed", _measure(model, args, device))
+                base_model = None
+            del model
         if base_model is None:
-            from transformers import AutoModelForCausalLM
-
-            path = args.baseline if (quantized and args.baseline) else str(folder)
-            base_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-            result["baseline"] = path
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            base_model = _load_plain(source, dtype, device, "--baseline" if args.baseline else
+                                     f"the original model named in {folder / 'report.json'} (--baseline PATH "
+                                     "to use another)")
+            result["baseline"] = source
+        result["baseline_parameters"] = _parameters(base_model)
         result["baseline_decode_attention"] = _install_attention(base_model, args, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -257,10 +342,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     result["baseline_prefill_ms"] = base["prefill_ms"]
     result["baseline_decode_ms_per_token"] = base["decode_ms_per_token"]
     result["baseline_decode_tokens_per_s"] = base["decode_tokens_per_s"]
-    if not quantized:
-        for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s"):
-            result[k] = base[k]
-        result["mode"] = base["mode"]
+    if "compressed" not in result["runs"]:  # timed alone
+        _record(result, "compressed", base)
     result["decode_speedup"] = result["decode_tokens_per_s"] / result["baseline_decode_tokens_per_s"]
     result["prefill_speedup"] = result["baseline_prefill_ms"] / result["prefill_ms"]
     return result
@@ -278,6 +361,8 @@ def format_table(r: dict[str, Any]) -> str:
     head = (f"{r['checkpoint']} on {r['device']} ({r['dtype']}, {r['mode']}), batch {r['batch']}, "
             f"prompt {r['prompt']}, generate {r['generate']}; kernels {r['kernels'] or 'none'}; "
             f"baseline: {r['baseline']}")
+    if "parameters" in r:  # a plain (pruned or sparse) checkpoint
+        head += f"; parameters {r['parameters'] / 1e6:.2f} M vs {r['baseline_parameters'] / 1e6:.2f} M"
     if r.get("lm_head", "float") != "float":
         head += f"; lm_head {r['lm_head']} at load (the baseline's lm_head is float)"
     return head + "\n" + "\n".join(lines)

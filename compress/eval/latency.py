@@ -78,10 +78,12 @@ def _one_run(model: nn.Module, ids: torch.Tensor, generate: int) -> tuple[_Times
     from transformers import DynamicCache
 
     device = ids.device
-    cache = DynamicCache(config=model.config)
+    from compress.modeling import cache_keyword
+
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}  # filled in place by each forward
     _sync(device)
     t0 = _now()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, **cache, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
     prefill = _since(t0)
@@ -89,7 +91,7 @@ def _one_run(model: nn.Module, ids: torch.Tensor, generate: int) -> tuple[_Times
     for _ in range(generate):
         _sync(device)
         t0 = _now()
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt, **cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         _sync(device)
         steps.append(_since(t0))

@@ -70,18 +70,21 @@ class _Steps:
     def __init__(self, model: nn.Module, ids: torch.Tensor, generate: int, forward: Callable | None = None):
         from transformers import StaticCache
 
+        from compress.modeling import cache_keyword
+
         self.model = model if forward is None else forward
         self.ids = ids
         self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + generate + 1)
         self.tok = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
+        self.kw = {cache_keyword(model): self.cache, "use_cache": True}
 
     def prefill(self) -> None:
         _zero_lengths(self.cache)
-        logits = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True).logits
+        logits = self.model(input_ids=self.ids, **self.kw).logits
         self.tok.copy_(logits[:, -1:].argmax(-1))
 
     def step(self) -> None:
-        logits = self.model(input_ids=self.tok, past_key_values=self.cache, use_cache=True).logits
+        logits = self.model(input_ids=self.tok, **self.kw).logits
         self.tok.copy_(logits[:, -1:].argmax(-1))
 
 
