@@ -281,6 +281,10 @@ def test_bench_int8_lm_head_flag(tmp_path, capsys):
     assert "lm_head int8" in bench.format_table(out)
     with pytest.raises(SystemExit):  # argparse names the allowed values
         parser.parse_args(["bench", str(tmp_path / "ck"), "--lm-head", "int4"])
+    # torch's int4 kernel cannot take 8-bit codes: the head would be dequantized every step
+    args = parser.parse_args(["bench", str(tmp_path / "ck"), *common, "--lm-head", "int8", "--cpu-kernel", "torch"])
+    with pytest.raises(CompressError, match="lm_head would run dequant-fallback .*8-bit codes.*--cpu-kernel auto"):
+        bench.run_bench(args)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

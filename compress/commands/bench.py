@@ -241,6 +241,17 @@ def _parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _check_lm_head_path(model, report) -> None:
+    """An 8-bit lm_head off the C kernel (--cpu-kernel torch, no C compiler) would be dequantized on
+    every step: several times slower than the float one it replaces, so that is an error."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    if report.layers.get(name) != "cpu-int4":
+        raise CompressError(f"--lm-head int8 needs our C kernel's 8-bit path, but {name} would run "
+                            f"{report.layers.get(name)} ({report.reasons.get(name)}), dequantizing its weight "
+                            "every step; drop --lm-head int8 or use --cpu-kernel auto|native")
+
+
 def _record(result: dict[str, Any], key: str, run: dict[str, Any]) -> None:
     """Store the compressed model's run and its headline numbers."""
     result.update({k: run[k] for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "mode")})
@@ -286,6 +297,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             report = accelerate(model, backend=args.backend, fuse=args.fuse, pdl=args.pdl,
                                 cpu_prefill=args.cpu_prefill, fuse_blocks=args.fuse_blocks,
                                 cpu_kernel=args.cpu_kernel)
+            if swap is not None:
+                _check_lm_head_path(model, report)
             result["kernels"] = report.counts()
             result["kernel_reasons"] = sorted(set(report.reasons.values()))
             result["fused_groups"] = len(report.fused)
