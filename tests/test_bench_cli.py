@@ -95,3 +95,19 @@ def test_baseline_source_rules(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="compress.commands.bench"):
         assert bench._baseline_source(tmp_path, ns(baseline=None), quantized=False) is None
     assert "does not name the model" in caplog.text
+
+
+def test_quantized_checkpoint_against_its_original(models, tmp_path):
+    # --baseline original on a quantized checkpoint: the model report.json names, not the dequantized copy
+    from compress.formats import save_checkpoint
+    from tests.test_kernels import tiny_quantized_model
+
+    save_checkpoint(tiny_quantized_model(), None, tmp_path / "ck")
+    (tmp_path / "ck" / "report.json").write_text(json.dumps({"model": {"name": str(models / "original")}}))
+    r = _run(str(tmp_path / "ck"), "--baseline", "original")
+    assert r["baseline"] == str(models / "original")
+    assert r["baseline_parameters"] == sum(
+        p.numel() for p in LlamaForCausalLM.from_pretrained(models / "original").parameters())
+    assert r["kernels"] and "parameters" not in r  # quantized: the layers ran a kernel; no float count
+    r = _run(str(tmp_path / "ck"))  # default: its own layers dequantized
+    assert r["baseline"].startswith("checkpoint dequantized to dense float32")
