@@ -38,7 +38,7 @@ from compress.kernels import accelerate, fused_block, tune_triton  # noqa: E402
 from compress.kernels.cuda_w4a16 import TILE_LAYOUTS  # noqa: E402
 from compress.kernels.dispatch import CPU_PREFILL, packed_weights  # noqa: E402
 from compress.nn.qlinear import QuantizedLinear  # noqa: E402
-from compress.modeling import cache_keyword, output_cache  # noqa: E402
+from compress.modeling import cache_kwargs  # noqa: E402
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -91,6 +91,8 @@ def logits_check(model: nn.Module, vocab: int, tokens: int = 16) -> float:
 def linear_share(model: nn.Module, vocab: int, steps: int = 10, rounds: int = 3) -> dict:
     """CPU: one-token decode steps after a 32-token prompt, and the time spent inside the quantized
     layers' installed forwards (wrapped with timers for this; fastest of ``rounds``)."""
+    from transformers import DynamicCache
+
     mods = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m._backend is not None]
     spent = [0.0]
 
@@ -106,8 +108,9 @@ def linear_share(model: nn.Module, vocab: int, steps: int = 10, rounds: int = 3)
     for m, fn in zip(mods, saved):
         m._backend = timed_backend(fn)  # attributes of the installed forward are not needed here
     try:
-        out = model(torch.randint(0, vocab, (1, 32)), use_cache=True)
-        past, tok = {cache_keyword(model): output_cache(out)}, out.logits[:, -1:].argmax(-1)
+        past = cache_kwargs(model, DynamicCache(config=model.config))
+        out = model(torch.randint(0, vocab, (1, 32)), **past, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
         for _ in range(3):
             model(tok, **past, use_cache=True)
         best = None

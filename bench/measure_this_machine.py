@@ -164,10 +164,10 @@ def _tiny_model(layers: int):
 def _decode_step_times(model, steps: int, now) -> list[float]:
     from transformers import DynamicCache
 
-    ids = torch.randint(0, 512, (1, 32))
-    from compress.modeling import cache_keyword
+    from compress.modeling import cache_kwargs
 
-    cache = {cache_keyword(model): DynamicCache(config=model.config)}  # filled in place by each forward
+    ids = torch.randint(0, 512, (1, 32))
+    cache = cache_kwargs(model, DynamicCache(config=model.config))
     with torch.inference_mode():
         out = model(input_ids=ids, **cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)

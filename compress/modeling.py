@@ -24,21 +24,15 @@ class LoadedModel:
     source: str  # where the weights came from (resolved path or hub id)
 
 
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The keyword ``model.forward`` takes its KV cache by. transformers 5.25 renamed
-    ``past_key_values`` to ``cache`` (the old name still works there but warns of its removal in
-    5.40); older versions, e.g. the GPU machine's 5.17, know only ``past_key_values``."""
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """``{keyword: cache}`` for ``model.forward``, which fills the cache in place. transformers 5.25
+    renamed ``past_key_values`` to ``cache`` (the old name still works there but warns of its removal
+    in 5.40); older versions, e.g. the GPU machine's 5.17, know only ``past_key_values``."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(out):
-    """The KV cache a forward returned, under either name (see ``cache_keyword``)."""
-    cache = out.get("cache") if hasattr(out, "get") else None
-    return cache if cache is not None else out.past_key_values
+        params = {}
+    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -81,8 +75,9 @@ def check_weights_format(folder: Path, allow_pickle: bool) -> None:
 
 
 def load_model(model: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-               allow_pickle: bool = False, revision: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer. Weights stay on ``device``; the caller may offload."""
+               allow_pickle: bool = False, revision: str | None = None, tokenizer: bool = True) -> LoadedModel:
+    """Load a causal LM and (unless ``tokenizer`` is False: then ``LoadedModel.tokenizer`` is None)
+    its tokenizer. Weights stay on ``device``; the caller may offload."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in _DTYPES:
@@ -92,7 +87,7 @@ def load_model(model: str, dtype: str = "float32", device: str = "cpu", trust_re
         check_weights_format(Path(target), allow_pickle)
     kwargs = dict(trust_remote_code=trust_remote_code, revision=revision)
     try:
-        tok = AutoTokenizer.from_pretrained(target, gguf_file=gguf, **kwargs)
+        tok = AutoTokenizer.from_pretrained(target, gguf_file=gguf, **kwargs) if tokenizer else None
         mdl = AutoModelForCausalLM.from_pretrained(
             target, gguf_file=gguf, dtype=_DTYPES[dtype],
             use_safetensors=None if (allow_pickle or gguf) else True, **kwargs)

@@ -217,23 +217,14 @@ def _baseline_source(folder: Path, args: argparse.Namespace, quantized: bool) ->
 
 
 def _load_plain(path: str, dtype, device, what: str):
-    """A float model from a folder, .gguf file or hub id: safetensors only, no remote code (the
-    resolution rules of compress.modeling; no tokenizer needed, prompts are random ids)."""
-    from transformers import AutoModelForCausalLM
-
-    from compress.modeling import check_weights_format, resolve_model_path
+    """A float model from a folder, .gguf file or hub id by ``compress.modeling.load_model``
+    (safetensors only, no remote code); no tokenizer: prompts are random ids."""
+    from compress.modeling import load_model
 
     try:
-        target, gguf = resolve_model_path(path)
-        if gguf is None and Path(target).is_dir():
-            check_weights_format(Path(target), allow_pickle=False)
-        model = AutoModelForCausalLM.from_pretrained(target, gguf_file=gguf, dtype=dtype,
-                                                     use_safetensors=None if gguf else True)
+        return load_model(path, str(dtype).replace("torch.", ""), str(device), tokenizer=False).model
     except CompressError as e:
         raise CompressError(f"{what}: {e}") from None
-    except OSError as e:
-        raise CompressError(f"{what}: could not load {path!r}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
 
 
 def _parameters(model) -> int:
@@ -340,8 +331,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 base_model = None
             del model
         if base_model is None:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             base_model = _load_plain(source, dtype, device, "--baseline" if args.baseline else
                                      f"the original model named in {folder / 'report.json'} (--baseline PATH "
                                      "to use another)")

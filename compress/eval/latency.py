@@ -77,10 +77,10 @@ def _one_run(model: nn.Module, ids: torch.Tensor, generate: int) -> tuple[_Times
     """(wall, thread-CPU) seconds of the prefill and of each decode step."""
     from transformers import DynamicCache
 
-    device = ids.device
-    from compress.modeling import cache_keyword
+    from compress.modeling import cache_kwargs
 
-    cache = {cache_keyword(model): DynamicCache(config=model.config)}  # filled in place by each forward
+    device = ids.device
+    cache = cache_kwargs(model, DynamicCache(config=model.config))
     _sync(device)
     t0 = _now()
     out = model(input_ids=ids, **cache, use_cache=True)

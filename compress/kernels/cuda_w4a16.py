@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 

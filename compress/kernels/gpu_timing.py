@@ -70,13 +70,13 @@ class _Steps:
     def __init__(self, model: nn.Module, ids: torch.Tensor, generate: int, forward: Callable | None = None):
         from transformers import StaticCache
 
-        from compress.modeling import cache_keyword
+        from compress.modeling import cache_kwargs
 
         self.model = model if forward is None else forward
         self.ids = ids
         self.cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + generate + 1)
         self.tok = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
-        self.kw = {cache_keyword(model): self.cache, "use_cache": True}
+        self.kw = {**cache_kwargs(model, self.cache), "use_cache": True}
 
     def prefill(self) -> None:
         _zero_lengths(self.cache)
