@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                               dataclasses.replace(tuned[id(w)], kw=max(1, tuned[id(w)].kw // 2)))
     run("half_kw")
     for w in wts:
-        w.configs[1] = cw.default_config(1, w.out_features)
+        w.configs[1] = cw.default_config(1, w.out_features, tiled=w.codes_tiled)
     run("default_config")
     for w in wts:
         w.configs[1] = tuned[id(w)]

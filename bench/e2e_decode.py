@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu: the lm_head RTN 8-bit, one scale per output row, on the C kernel's 8-bit path "
                          "(compress.kernels.lm_head; as compress bench --lm-head int8)")
     ap.add_argument("--tile-major", default=None, choices=sorted(TILE_LAYOUTS),
-                    help="gpu: the layout repack writes for the CUDA kernel (cuda_w4a16.TILE_MAJOR; default: $COMPRESS_TILE_LAYOUT, else row-major)")
+                    help="gpu: the layout repack writes for the CUDA kernel (cuda_w4a16.TILE_MAJOR; default: $COMPRESS_TILE_LAYOUT, else both_evf)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.prompt = args.prompt or 128

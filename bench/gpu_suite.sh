@@ -2,7 +2,7 @@
 # One device call: environment, GPU tests, kernel benchmark, end-to-end decode, latency table.
 # Usage (on the GPU machine, repo root): bash bench/gpu_suite.sh STAGES   (e.g. "env tests kernel e2e latency";
 # also: layout, e2e_act, fused, attn, cli). $COMPRESS_TILE_LAYOUT (e.g. both_evf) runs every stage in
-# that weight layout (cuda_w4a16.TILE_LAYOUTS; default row-major).
+# that weight layout (cuda_w4a16.TILE_LAYOUTS; default both_evf since session 13).
 # Logs and JSON go to $OUT (or bench/results/device when unset).
 set -u
 # the machine lacks pydantic (compress.recipe imports it): wheels carried in .whl (see bench/gpu_real_model.sh)

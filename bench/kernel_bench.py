@@ -115,7 +115,7 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
         if m <= 16:
             best, sweep = tw.tune(wt, m)
             row["sweep"] = sorted(sweep, key=lambda r: r["ms"])
-            default_cfg = cw.default_config(m, n)
+            default_cfg = cw.default_config(m, n, tiled=wt.codes_tiled)
             row["best_config"], row["default_config"] = best.as_dict(), default_cfg.as_dict()
             xe = torch.randn(m, k, device="cuda", dtype=torch.float16)  # fresh input for the checks
             ref_e = xe.double() @ wref.t()
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large-m", default="512", help="extra prefill-sized batches (comma list, '' for none)")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x8192 (default: the five Llama shapes)")
     ap.add_argument("--tile-major", default=None, choices=sorted(cw.TILE_LAYOUTS),
-                    help="the layout repack writes for our kernel (cuda_w4a16.TILE_MAJOR; default: $COMPRESS_TILE_LAYOUT, else row-major)")
+                    help="the layout repack writes for our kernel (cuda_w4a16.TILE_MAJOR; default: $COMPRESS_TILE_LAYOUT, else both_evf)")
     args = ap.parse_args(argv)
     if args.tile_major is not None:
         cw.TILE_MAJOR = cw.TILE_LAYOUTS[args.tile_major]

@@ -663,7 +663,7 @@ def _configs(m: int, wt):
     if wt.kernel == "cuda":
         if m > 16:
             return []
-        return [cw.default_config(m, n), cw.CudaConfig(1, 2, 2), cw.CudaConfig(2, 8, 2), cw.CudaConfig(1, 4, 4, 2),
+        return [cw.default_config(m, n, tiled=wt.codes_tiled), cw.CudaConfig(1, 2, 2), cw.CudaConfig(2, 8, 2), cw.CudaConfig(1, 4, 4, 2),
                 cw.CudaConfig(2, 2, 2, 2)]
     cfgs = [tw.default_config(m, n, nb)]
     if m == 1:
@@ -783,6 +783,33 @@ def test_cuda_candidate_configs_fit_the_shared_memory_they_are_given():
     # the deeper pipelines only dynamic shared memory allows: every warp of 8 with 4 stages of 256 columns
     assert cw.CudaConfig(1, 8, 4, 2) in large and cw.CudaConfig(1, 8, 4, 2) not in small
     assert all(c.stages in (2, 4) for c in large)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_cuda_default_config_is_a_candidate_that_fits_any_gpu(tiled):
+    """The untuned config must be one ``tune`` would time (so the GPU tests cover it) and fit 48 KB
+    with the fused RMSNorm prologue, on every row count and on thin, Llama and tall layers."""
+    from compress.kernels import cuda_w4a16 as cw
+
+    for n in (256, 576, 4096, 11008, 14336, 22016, 128256):
+        for m in range(1, 17):
+            cfg = cw.default_config(m, n, tiled=tiled)
+            assert cfg in cw.candidate_configs(m, n), (m, n, cfg)
+            assert cfg.smem_bytes(norm=True) <= cw.SMEM_LIMIT, (m, n, cfg)
+    # what the sweeps chose per layout (docs/kernels.md): at one row the tile-major rule gives tall
+    # layers two tiles per warp and 4096-row ones one; row-major keeps one tile everywhere
+    assert cw.default_config(1, 11008, tiled=True) == cw.CudaConfig(nt=2, kw=4, stages=2, kc=1, minb=1)
+    assert cw.default_config(1, 4096, tiled=True) == cw.CudaConfig(nt=1, kw=8, stages=2, kc=1, minb=1)
+    assert cw.default_config(1, 11008, tiled=False) == cw.CudaConfig(nt=1, kw=4, stages=2, kc=2, minb=0)
+    assert cw.default_config(16, 4096, tiled=True) == cw.CudaConfig(nt=2, kw=8, stages=2, kc=1, minb=1)
+
+
+def test_cuda_default_config_follows_the_layout_repack_writes(monkeypatch):
+    from compress.kernels import cuda_w4a16 as cw
+
+    for name, (tiled, _, _) in cw.TILE_LAYOUTS.items():
+        monkeypatch.setattr(cw, "TILE_MAJOR", cw.TILE_LAYOUTS[name])
+        assert cw.default_config(1, 14336) == cw.default_config(1, 14336, tiled=tiled)
 
 
 @pytest.mark.gpu
@@ -996,9 +1023,10 @@ def test_tile_layout_env_picks_the_default_layout_and_rejects_unknown_names(monk
     from compress.kernels import cuda_w4a16 as cw
 
     monkeypatch.delenv(cw.TILE_LAYOUT_ENV, raising=False)
-    assert cw._layout_from_env() == cw.TILE_LAYOUTS["row"]  # without the variable: row-major
-    monkeypatch.setenv(cw.TILE_LAYOUT_ENV, "both_evf")
-    assert cw._layout_from_env() == (True, True, True)
+    # without the variable: tile-major codes and scales, evict-first copies (session 13's default)
+    assert cw._layout_from_env() == cw.TILE_LAYOUTS["both_evf"] == (True, True, True)
+    monkeypatch.setenv(cw.TILE_LAYOUT_ENV, "row")
+    assert cw._layout_from_env() == (False, False, False)
     monkeypatch.setenv(cw.TILE_LAYOUT_ENV, "tiled")
     with pytest.raises(ValueError, match="COMPRESS_TILE_LAYOUT='tiled': choose one of row, codes, both, both_evf"):
         cw._layout_from_env()

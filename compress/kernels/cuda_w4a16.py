@@ -57,21 +57,22 @@ _SOURCE = cuda_source("w4a16.cu")  # CUDA C++: cuda/common.cuh + cuda/w4a16.cu
 #: points tile-major (``layout.tile_groups``), weight copies with an L2 evict-first policy). The
 #: kernels read every combination (``TILED`` / ``SZT`` / ``EVF`` in the source). On an H100 all three
 #: took batch-1 speedups over fp16 from 3.33-3.67x (row-major) to 3.74-3.91x on the five Llama shapes
-#: (session 11, ``python3 bench/layout_probe.py --stages 2``, docs/kernels.md), every candidate config
-#: checked against the dequantized weight at one row. The default stays row-major until the GPU test
-#: suite has run on the tile-major kernels (other row counts, bf16, act-order, fused epilogues and
-#: the dequantize kernel of the prefill path have not run on a GPU yet); opt in with
-#: ``cuda_w4a16.TILE_MAJOR = cuda_w4a16.TILE_LAYOUTS["both_evf"]`` before ``accelerate``, or for a
-#: whole process (e.g. the GPU test suite) ``$COMPRESS_TILE_LAYOUT`` = one of TILE_LAYOUTS' names.
-#: the layouts by name, for the benchmarks' ``--tile-major``: row-major (the default), tile-major
-#: codes, both, both with evict-first weight copies (the fastest measured)
+#: (session 11, ``python3 bench/layout_probe.py --stages 2``), and in session 13 the GPU test suite
+#: passed on it (145 tests: every row count, bf16, act-order, fused epilogues, the prefill path's
+#: dequantize kernel) and the 7B decode step went from 3.04x to 3.21x of fp16 in the same lease
+#: (docs/kernels.md), so it is the default. ``$COMPRESS_TILE_LAYOUT`` (one of TILE_LAYOUTS' names)
+#: picks another for a whole process, or ``cuda_w4a16.TILE_MAJOR = cuda_w4a16.TILE_LAYOUTS["row"]``
+#: before ``accelerate``.
+#: the layouts by name, for the benchmarks' ``--tile-major``: row-major, tile-major codes, both,
+#: both with evict-first weight copies (the fastest measured, the default)
 TILE_LAYOUTS = {"row": (False, False, False), "codes": (True, False, False), "both": (True, True, False),
                 "both_evf": (True, True, True)}
 TILE_LAYOUT_ENV = "COMPRESS_TILE_LAYOUT"
+DEFAULT_TILE_LAYOUT = "both_evf"
 
 
 def _layout_from_env() -> tuple[bool, bool, bool]:
-    name = os.environ.get(TILE_LAYOUT_ENV) or "row"
+    name = os.environ.get(TILE_LAYOUT_ENV) or DEFAULT_TILE_LAYOUT
     if name not in TILE_LAYOUTS:
         raise ValueError(f"${TILE_LAYOUT_ENV}={name!r}: choose one of {', '.join(TILE_LAYOUTS)}")
     return TILE_LAYOUTS[name]
@@ -190,18 +191,33 @@ def _tiled(wt: Any) -> tuple[bool, bool, bool]:
     return (wt.codes_tiled, wt.sz_tiled, wt.evict_first)
 
 
-def default_config(m: int, n: int, sm_count: int = 132) -> CudaConfig:
-    """Config when none was tuned, fit to the H100 sweeps (docs/kernels.md): up to 8 rows of x, one
-    16-row tile per warp and 256-column steps; more rows, two tiles and 128-column steps; 2, 4 or 8
-    warps per block (each a slice of K), whichever brings the grid nearest 16 (8 when M > 8) warps
-    per multiprocessor (16 since programmatic dependent launch: 12 before). At M = 1 it is within 1%
-    of the tuned best on 4096^2, 4096 x 11008 and 8192^2 but 14-29% slower on the tall shapes
-    (11008, 14336, 12288 and 22016 rows; the "untuned default" column of ``bench/kernel_bench.py``,
-    docs/kernels.md): ``tune`` (or ``compress bench``, which tunes) is worth it."""
-    nt, kc, per_sm = (2, 1, 8) if m > 8 else (1, 2, 16)
+def default_config(m: int, n: int, sm_count: int = 132, *, tiled: bool | None = None) -> CudaConfig:
+    """Config when none was tuned, fit to H100 sweeps of each layout (``tiled``: the weight's
+    ``codes_tiled``; None = the layout ``repack`` writes now). 2, 4 or 8 warps per block (each a
+    slice of K), whichever brings the grid nearest a target of resident warps per multiprocessor.
+
+    Row-major (sessions 4-9): up to 8 rows of x, one 16-row tile per warp, 256-column steps and 16
+    warps per SM; more rows, two tiles, 128-column steps and 8. Within 1% of the tuned best at M = 1
+    on 4096^2, 4096 x 11008 and 8192^2 but 14-29% slower on the tall shapes.
+
+    Tile-major (session 13's sweep of 7 shapes x M = 1, 4, 16): two tiles per warp on layers of 8192
+    or more rows, 12 warps per SM, 128-column steps and ``minb = 1``; above 8 rows, two tiles,
+    256-column steps and 6 (128-column steps where 256 would not fit 48 KB of shared memory). On
+    that sweep (17 shape x M points, stacked q/k/v and gate/up included) 4% slower than the tuned
+    best on average (worst 21%), where the row-major rule was 14% (worst 31%). ``tune`` (``compress bench`` tunes) is still worth
+    it; the "untuned default" column of ``bench/kernel_bench.py`` shows by how much."""
+    if tiled is None:
+        tiled = TILE_MAJOR[0]
+    if tiled:
+        nt, kc, per_sm, minb = (2, 2, 6, 1) if m > 8 else (2 if n >= 8192 else 1, 1, 12, 1)
+    else:
+        nt, kc, per_sm, minb = (2, 1, 8, 0) if m > 8 else (1, 2, 16, 0)
     blocks = -(-n // (16 * nt))
     kw = min((2, 4, 8), key=lambda k: abs(math.log(blocks * k / (per_sm * sm_count))))
-    return CudaConfig(nt=nt, kw=kw, stages=2, kc=kc)
+    cfg = CudaConfig(nt=nt, kw=kw, stages=2, kc=kc, minb=minb)
+    if cfg.smem_bytes(norm=True) > SMEM_LIMIT:  # runs on any GPU, fused prologue included
+        cfg = CudaConfig(nt=nt, kw=kw, stages=2, kc=1, minb=minb)
+    return cfg
 
 
 def candidate_configs(m: int, n: int, max_smem: int = SMEM_LIMIT) -> list[CudaConfig]:

@@ -138,7 +138,7 @@ class FusedLinear:
 
         b = _bucket(m)
         return (self.wt.configs.get((*self.key, b)) or self.wt.configs.get(b)
-                or cuda_w4a16.default_config(m, self.wt.out_features))
+                or cuda_w4a16.default_config(m, self.wt.out_features, tiled=self.wt.codes_tiled))
 
     def launch(self, x2d: torch.Tensor, res2d: torch.Tensor | None, cfg: Any, wt: Any = None) -> torch.Tensor:
         from compress.kernels import cuda_w4a16

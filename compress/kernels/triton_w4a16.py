@@ -506,7 +506,7 @@ def _default_for(wt: W4A16Weight, m: int) -> Any:
     if wt.kernel == "cuda":
         from compress.kernels import cuda_w4a16
 
-        return cuda_w4a16.default_config(m, wt.out_features)
+        return cuda_w4a16.default_config(m, wt.out_features, tiled=wt.codes_tiled)
     return default_config(m, wt.out_features, wt.n_blocks)
 
 
