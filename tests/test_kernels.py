@@ -727,7 +727,8 @@ CUDA_SHAPES = [  # (out, in, group, symmetric, act_order, bias): tails in N and 
 ]
 
 
-# repack's layouts: row-major (the default), tile-major codes, and tile-major scales and zero points
+# repack's layouts: row-major, tile-major codes, tile-major scales and zero points, and both with evict-first
+# copies (both_evf, the default since session 13)
 TILE_LAYOUTS = list(CUDA_TILE_LAYOUTS.values())
 
 
