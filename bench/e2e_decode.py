@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=None, help="default: 128 (gpu), 64 (cpu: 576 = 4.5 x 128)")
     ap.add_argument("--symmetric", action="store_true")
-    ap.add_argument("--large-m", default="dequant", choices=["dequant", "triton"], help="gpu: prefill path")
+    ap.add_argument("--large-m", default="auto", choices=["auto", "dequant", "gemm", "triton"],
+                    help="gpu: prefill path (accelerate(large_m=...))")
     ap.add_argument("--plane-width", type=int, default=16, choices=[16, 32, 64], help="gpu: Triton packing width")
     ap.add_argument("--variants", default="fused_pdl,plain",
                     help=f"gpu: accelerate() options to time, comma list of {', '.join(VARIANTS)}")

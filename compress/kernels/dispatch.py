@@ -3,7 +3,8 @@
 ``accelerate(model, backend="auto")`` repacks each layer's buffers once for a kernel and installs it
 with ``QuantizedLinear.set_backend``. Paths, as the report names them:
 
-- ``cuda``: the W4A16 CUDA kernel (``cuda_w4a16``; 1..16 rows, dequantize + cuBLAS above), for
+- ``cuda``: the W4A16 CUDA kernel (``cuda_w4a16``; 1..16 rows; above, ``large_m``: the W4A16 GEMM
+  ``triton_gemm`` or dequantize + cuBLAS), for
   layers on a CUDA device that it can run (see ``triton_w4a16.repack``); fp16/bf16 activations.
 - ``triton``: the W4A16 Triton kernels (``triton_w4a16``), the other GPU layers; fp16/bf16
   activations. On both GPU paths other activation dtypes run the dequantize fallback for that call.
@@ -53,7 +54,7 @@ from compress.nn.qlinear import QuantizedLinear
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "cpu-int4", "dequant")
-LARGE_M = ("triton", "dequant")
+LARGE_M = ("auto", "dequant", "gemm", "triton")
 
 
 @dataclass
@@ -145,21 +146,28 @@ def _choose(mod: QuantizedLinear, backend: str, triton_ok: tuple[bool, str],
     return "cpu-int4", "CPU INT4 kernel"  # the installed forward names which (cpu_backend.cpu_layer)
 
 
-def _gpu_path(kernel: str) -> tuple[str, str]:
-    """(path, reason) of a layer packed for ``W4A16Weight.kernel``."""
+def _gpu_path(kernel: str, large_m: str = "dequant") -> tuple[str, str]:
+    """(path, reason) of a layer packed for ``W4A16Weight.kernel``, ``large_m`` as given to accelerate."""
     if kernel == "cuda":
-        return "cuda", "W4A16 CUDA kernel (cuda_w4a16) for 1-16 rows, dequantize + cuBLAS above; fp16/bf16 activations"
+        from compress.kernels import triton_gemm
+
+        above = {"gemm": "the W4A16 GEMM (triton_gemm) above",
+                 "auto": f"the W4A16 GEMM (triton_gemm) for 17-{triton_gemm.AUTO_MAX_M} rows, dequantize + cuBLAS above"
+                 if triton_gemm.AUTO_MAX_M > 16 else "dequantize + cuBLAS above"}.get(large_m, "dequantize + cuBLAS above")
+        return "cuda", f"W4A16 CUDA kernel (cuda_w4a16) for 1-16 rows, {above}; fp16/bf16 activations"
     return "triton", "W4A16 Triton kernel (the CUDA kernel cannot run this layer), fp16/bf16 activations"
 
 
-def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant",
+def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "auto",
                plane_width: int = 16, fuse: bool = True, pdl: bool = True,
                cpu_prefill: str = "auto", fuse_blocks: bool = True, cpu_kernel: str = "auto") -> AccelerationReport:
     """Repack every QuantizedLinear of ``model`` for the best available kernel and install it.
 
-    ``backend``: one of BACKENDS. ``large_m`` (layers on the Triton path only; the CUDA path always
-    dequantizes): path for more than 16 activation rows, "triton" (the tensor-core kernel) or
-    "dequant" (dequantize + cuBLAS per call).
+    ``backend``: one of BACKENDS. ``large_m``: path for more than 16 activation rows (prefill) on
+    the GPU. Layers on the CUDA kernel: "gemm" (``triton_gemm``: codes unpacked in the GEMM's tiles),
+    "dequant" (dequantize the layer + cuBLAS per call) or "auto" (the GEMM where it measured faster,
+    ``triton_gemm.AUTO_MAX_M``). Layers on the Triton kernels: "triton" (its tensor-core kernel at
+    BLOCK_M = 64), else dequantize + cuBLAS.
     ``plane_width`` (Triton path only): words per row and packed block, 16, 32 or 64 (docs/kernels.md).
     ``fuse`` (GPU paths): stack the layers of a block that read the same input (q/k/v, gate/up; the
     adapter table's true-sequential groups) into one launch (``compress.kernels.fused``).
@@ -229,7 +237,7 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "dequant"
             if path == "triton":
                 fn = _triton_backend(mod, large_m, plane_width, pdl)
                 mod.set_backend(fn)
-                path, reason = _gpu_path(fn.packed.kernel)
+                path, reason = _gpu_path(fn.packed.kernel, large_m)
                 # the packed words hold the codes: free the uint8 copy (see the module docstring)
                 mod.release_codes(fn.restore_codes)
             elif path == "cpu-int4":
@@ -323,7 +331,7 @@ def _install_fused(names: list[str], mods: list[QuantizedLinear], large_m: str, 
         return None
     fn.packed.glu_interleaved = interleave
     group = fused.FusedGroup(fn, bounds, names, interleaved=interleave)
-    path, reason = _gpu_path(fn.packed.kernel)
+    path, reason = _gpu_path(fn.packed.kernel, large_m)
     short = ", ".join(n.rsplit(".", 1)[-1] for n in names)
     for i, (name, mod) in enumerate(zip(names, mods)):
         member = group.member(i, fn.packed)

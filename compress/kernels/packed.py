@@ -27,7 +27,10 @@ class W4A16Weight:
     out_features: int
     group: int  # columns per group after reordering (in_features for per-channel)
     width: int = layout.PLANE_WIDTH  # words per row and block; a block is 8 * width columns
-    large_m: str = "triton"  # path for M > max_small_m: "triton" (BLOCK_M=64) or "dequant" (cuBLAS)
+    #: path for M > max_small_m: Triton weights "triton" (BLOCK_M = 64) or else dequantize + cuBLAS;
+    #: CUDA weights "gemm" (``triton_gemm``), "dequant", or "auto" (the GEMM up to
+    #: ``triton_gemm.AUTO_MAX_M`` rows, where it measured faster)
+    large_m: str = "triton"
     max_small_m: int = 16
     configs: dict[Any, Any] = field(default_factory=dict)  # tuned config per M bucket (fused variants: per key)
     kernel: str = "triton"

@@ -496,7 +496,13 @@ def w4a16_matmul(x: torch.Tensor, wt: W4A16Weight, gathered: bool = False) -> to
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     m = x2d.shape[0]
-    if m > wt.max_small_m and (wt.large_m == "dequant" or wt.kernel == "cuda"):
+    if m > wt.max_small_m and wt.kernel == "cuda":
+        from compress.kernels import triton_gemm
+
+        if triton_gemm.takes(wt, m):  # unpack in the GEMM's tiles instead of a dequantized copy
+            return triton_gemm.gemm(x2d, wt).reshape(*lead, wt.out_features)
+        return dequant_matmul(x2d, wt).reshape(*lead, wt.out_features)
+    if m > wt.max_small_m and wt.large_m != "triton":
         return dequant_matmul(x2d, wt).reshape(*lead, wt.out_features)
     cfg = wt.configs.get(_bucket(m)) or _default_for(wt, m)
     return launch(x2d, wt, cfg).reshape(*lead, wt.out_features)
