@@ -90,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "launch too (both models; torch's default is off)")
     r.add_argument("--no-tune", dest="tune", action="store_false",
                    help="GPU: skip timing the kernel configs for the decode batch (about a second per layer shape)")
+    r.add_argument("--large-m", default="auto", choices=["auto", "dequant", "gemm"],
+                   help="GPU: the path of prefill-sized products (more than 16 rows): our W4A16 GEMM, "
+                        "dequantize + cuBLAS, or auto (the GEMM where it measured faster; docs/kernels.md)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     r.add_argument("--cpu-prefill", default="auto", choices=["auto", "bf16", "fp32"],
                    help="CPU INT4 path: arithmetic of the dense product prefill-sized inputs take; auto = bf16 "
@@ -285,12 +288,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
                 swap = quantize_lm_head(model, bits=8, group_size=-1, symmetric=False)
                 result["lm_head_detail"] = swap.as_dict()
-            report = accelerate(model, backend=args.backend, fuse=args.fuse, pdl=args.pdl,
+            report = accelerate(model, backend=args.backend, large_m=args.large_m, fuse=args.fuse, pdl=args.pdl,
                                 cpu_prefill=args.cpu_prefill, fuse_blocks=args.fuse_blocks,
                                 cpu_kernel=args.cpu_kernel)
             if swap is not None:
                 _check_lm_head_path(model, report)
             result["kernels"] = report.counts()
+            result["large_m"] = args.large_m
             result["kernel_reasons"] = sorted(set(report.reasons.values()))
             result["fused_groups"] = len(report.fused)
             result["fused_blocks"] = report.fused_blocks
