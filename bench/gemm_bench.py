@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in rows:
         best = [r["speedup_vs_fp16"].get("gemm_best", float("nan")) for r in result["rows"] if r["rows"] == m]
         deq = [r["speedup_vs_fp16"]["dequant"] for r in result["rows"] if r["rows"] == m]
-        print(f"M={m}: median over shapes, gemm (best) {statistics.median(best):.2f}x, dequant {statistics.median(deq):.2f}x of fp16")
+        print(f"M={m}: median over shapes, gemm (best) {statistics.median(best):.2f}x, "
+              f"dequant {statistics.median(deq):.2f}x of fp16")
     return 0
 
 

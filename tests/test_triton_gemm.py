@@ -140,3 +140,14 @@ def test_prefill_through_the_gemm_matches_the_dequantize_path(compiled, act_orde
         with torch.inference_mode():
             logits[large_m] = fwd(ids).logits.float()
     assert rel_err(logits["gemm"], logits["dequant"]) < 5e-3
+
+
+def test_the_report_says_which_path_prefill_rows_take(monkeypatch):
+    from compress.kernels.dispatch import _gpu_path
+
+    monkeypatch.setattr(triton_gemm, "AUTO_MAX_M", 0)
+    assert "1-16 rows, dequantize + cuBLAS above" in _gpu_path("cuda", "auto")[1]
+    assert "1-16 rows, the W4A16 GEMM (triton_gemm) above" in _gpu_path("cuda", "gemm")[1]
+    assert "dequantize + cuBLAS above" in _gpu_path("cuda", "dequant")[1]
+    monkeypatch.setattr(triton_gemm, "AUTO_MAX_M", 256)
+    assert "GEMM (triton_gemm) for 17-256 rows, dequantize + cuBLAS above" in _gpu_path("cuda", "auto")[1]

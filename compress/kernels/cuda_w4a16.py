@@ -204,8 +204,9 @@ def default_config(m: int, n: int, sm_count: int = 132, *, tiled: bool | None = 
     or more rows, 12 warps per SM, 128-column steps and ``minb = 1``; above 8 rows, two tiles,
     256-column steps and 6 (128-column steps where 256 would not fit 48 KB of shared memory). On
     that sweep (17 shape x M points, stacked q/k/v and gate/up included) 4% slower than the tuned
-    best on average (worst 21%), where the row-major rule was 14% (worst 31%). ``tune`` (``compress bench`` tunes) is still worth
-    it; the "untuned default" column of ``bench/kernel_bench.py`` shows by how much."""
+    best on average (worst 21%), where the row-major rule was 14% (worst 31%). ``tune`` (``compress
+    bench`` tunes) is still worth it; the "untuned" column of ``bench/kernel_bench.py`` shows by how
+    much."""
     if tiled is None:
         tiled = TILE_MAJOR[0]
     if tiled:

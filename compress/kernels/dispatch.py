@@ -151,9 +151,11 @@ def _gpu_path(kernel: str, large_m: str = "dequant") -> tuple[str, str]:
     if kernel == "cuda":
         from compress.kernels import triton_gemm
 
-        above = {"gemm": "the W4A16 GEMM (triton_gemm) above",
-                 "auto": f"the W4A16 GEMM (triton_gemm) for 17-{triton_gemm.AUTO_MAX_M} rows, dequantize + cuBLAS above"
-                 if triton_gemm.AUTO_MAX_M > 16 else "dequantize + cuBLAS above"}.get(large_m, "dequantize + cuBLAS above")
+        above = "dequantize + cuBLAS above"
+        if large_m == "gemm":
+            above = "the W4A16 GEMM (triton_gemm) above"
+        elif large_m == "auto" and triton_gemm.AUTO_MAX_M > 16:
+            above = f"the W4A16 GEMM (triton_gemm) for 17-{triton_gemm.AUTO_MAX_M} rows, {above}"
         return "cuda", f"W4A16 CUDA kernel (cuda_w4a16) for 1-16 rows, {above}; fp16/bf16 activations"
     return "triton", "W4A16 Triton kernel (the CUDA kernel cannot run this layer), fp16/bf16 activations"
 
