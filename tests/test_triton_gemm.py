@@ -4,6 +4,8 @@ float64 reference on fresh random inputs written into NaN-filled buffers, in eve
 writes, fp16 and bf16, symmetric, per-channel, act-order and bias."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -51,6 +53,19 @@ def test_candidate_and_default_configs_tile_the_rows_they_are_for(m):
             assert size >= 16 and size & (size - 1) == 0, cfg  # tl.dot: powers of two, at least 16
         assert cfg.block_m <= max(32, 2 * m), cfg  # no tile mostly of masked rows
         assert cfg.num_warps in (4, 8) and cfg.num_stages in (3, 4)
+    assert any(not c.magic for c in cands) and any(c.magic for c in cands)  # the sweep A/Bs the unpack
+
+
+def test_exponent_bit_unpack_gives_base_plus_code_exactly():
+    """The kernel's int-to-float shortcut: a 4-bit code OR-ed into the low mantissa bits of 1024
+    (fp16, 0x6400) or 128 (bf16, 0x4300) is that base plus the code, so base + z subtracts exactly."""
+    q = torch.arange(16, dtype=torch.int16)
+    assert torch.equal((q | 0x6400).view(torch.float16).float(), 1024 + q.float())
+    assert torch.equal((q | 0x4300).view(torch.bfloat16).float(), 128 + q.float())
+    z = torch.arange(16, dtype=torch.int16).flip(0)
+    for dtype, base, bits in ((torch.float16, 1024, 0x6400), (torch.bfloat16, 128, 0x4300)):
+        diff = (q | bits).view(dtype) - (z + base).to(dtype)
+        assert torch.equal(diff.float(), (q - z).float())
 
 
 def test_gemm_refuses_what_it_cannot_read_with_clear_errors():
@@ -93,7 +108,8 @@ def test_gemm_matches_the_dequantized_weight_in_every_layout(n, k, gs, sym, act,
     wt = tw.repack(layer.qweight, layer.scales, layer.zeros, layer.g_idx, 4, sym, layer.bias, "cuda", kernel="cuda")
     bound = 3e-3 if dtype == torch.float16 else 1.5e-2
     for m in (17, 40, 129):
-        for cfg in [triton_gemm.default_config(m, n)] + triton_gemm.candidate_configs(m)[::3]:
+        dflt = triton_gemm.default_config(m, n)
+        for cfg in [dflt, replace(dflt, magic=not dflt.magic)] + triton_gemm.candidate_configs(m)[::3]:
             x = torch.randn(m, k, device="cuda", dtype=dtype)  # fresh input per config
             out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
             y = triton_gemm.gemm(x, wt, cfg, out)
