@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, kernel benchmark, end-to-end decode, latency table.
 # Usage (on the GPU machine, repo root): bash bench/gpu_suite.sh STAGES   (e.g. "env tests kernel e2e latency";
-# also: layout, e2e_act, fused, attn, cli). $COMPRESS_TILE_LAYOUT (e.g. both_evf) runs every stage in
+# also: layout, gemm, e2e_act, fused, attn, cli). $COMPRESS_TILE_LAYOUT (e.g. both_evf) runs every stage in
 # that weight layout (cuda_w4a16.TILE_LAYOUTS; default both_evf since session 13).
 # Logs and JSON go to $OUT (or bench/results/device when unset).
 set -u
@@ -77,6 +77,18 @@ PY
       tail -4 "$OUT/pytest_gpu_layout.log"
       timeout 330 python3 bench/layout_probe.py --out "$OUT/layout_probe.json" > "$OUT/layout_probe.log" 2>&1
       grep -v skipped "$OUT/layout_probe.log" | tail -8 ;;
+    gemm)
+      # the W4A16 GEMM for prefill (session 13, off until measured): its GPU tests, the sweep on the
+      # products of a 7B prefill, then the 7B prompt through it (decode is unchanged by it)
+      timeout 150 python3 -m pytest tests/test_triton_gemm.py -q -m gpu -p no:cacheprovider -n 12 \
+        > "$OUT/pytest_gpu_gemm.log" 2>&1
+      tail -5 "$OUT/pytest_gpu_gemm.log"
+      timeout 240 python3 bench/gemm_bench.py --shapes 4096x4096,12288x4096,22016x4096,4096x11008 \
+        --out "$OUT/gemm_bench.json" > "$OUT/gemm_bench.log" 2>&1
+      tail -22 "$OUT/gemm_bench.log"
+      timeout 200 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes compile_pdl --attn compress --large-m gemm \
+        --out "$OUT/e2e_gpu_gemm.json" > "$OUT/e2e_gemm.log" 2>&1
+      grep -v Warning "$OUT/e2e_gemm.log" | grep "compile_pdl\|speedup" ;;
     e2e_act)
       # GPTQ-style act-order layers (RTN numerics): the gather costs under compile and CUDA graphs
       timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --act-order \
