@@ -54,6 +54,7 @@ def test_candidate_and_default_configs_tile_the_rows_they_are_for(m):
         assert cfg.block_m <= max(32, 2 * m), cfg  # no tile mostly of masked rows
         assert cfg.num_warps in (4, 8) and cfg.num_stages in (3, 4)
     assert any(not c.magic for c in cands) and any(c.magic for c in cands)  # the sweep A/Bs the unpack
+    assert any(c.gather for c in cands) and any(not c.gather for c in cands)
 
 
 def test_exponent_bit_unpack_gives_base_plus_code_exactly():
@@ -109,7 +110,8 @@ def test_gemm_matches_the_dequantized_weight_in_every_layout(n, k, gs, sym, act,
     bound = 3e-3 if dtype == torch.float16 else 1.5e-2
     for m in (17, 40, 129):
         dflt = triton_gemm.default_config(m, n)
-        for cfg in [dflt, replace(dflt, magic=not dflt.magic)] + triton_gemm.candidate_configs(m)[::3]:
+        variants = [dflt, replace(dflt, magic=not dflt.magic), replace(dflt, gather=not dflt.gather)]
+        for cfg in variants + triton_gemm.candidate_configs(m)[::3]:
             x = torch.randn(m, k, device="cuda", dtype=dtype)  # fresh input per config
             out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
             y = triton_gemm.gemm(x, wt, cfg, out)

@@ -34,7 +34,7 @@ if triton is not None:
                      M, N, K, G, GROUP, WPR, STEPS, stride_xm, stride_om,
                      TILED: tl.constexpr, SZT: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_PERM: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, MAGIC: tl.constexpr, IS_FP16: tl.constexpr):
+                     GROUP_M: tl.constexpr, MAGIC: tl.constexpr, GATHER: tl.constexpr, IS_FP16: tl.constexpr):
         # programs that share a weight tile run side by side, so the tile comes from DRAM once
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -72,13 +72,20 @@ if triton is not None:
             else:
                 cols = offs_k
             x = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            kw = k0 // 8 + tl.arange(0, WK)
+            if GATHER:  # each column loads its own word (8 loads of one word, served by L1): no reshape
+                kw = offs_k // 8
+            else:
+                kw = k0 // 8 + tl.arange(0, WK)
             if TILED:
                 w_off = (kw // 32) * 512 + ((kw // 16) % 2) * 256 + kw % 16
             else:
                 w_off = kw
             words = tl.load(w_ptr + row_base[:, None] + w_off[None, :], mask=n_mask[:, None], other=0)
-            q = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+            if GATHER:
+                jk = offs_k % 8
+                q = (words >> ((jk // 2) * 4 + (jk % 2) * 16)[None, :]) & 0xF
+            else:
+                q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
             g = k0 // GROUP
             s = tl.load(s_ptr + g * sz_g + sz_row, mask=n_mask, other=0.0)
             if SYMMETRIC:
@@ -89,14 +96,13 @@ if triton is not None:
                 # q | exponent bits is the float (base + q) exactly: no int-to-float conversion,
                 # which runs at 1/8 of the FMA rate (base 1024 in fp16, 128 in bf16)
                 if IS_FP16:
-                    qf = tl.reshape((q | 0x6400).to(tl.int16), (BLOCK_N, BLOCK_K)).to(tl.float16, bitcast=True)
+                    qf = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
                     zf = (z + 1024).to(tl.float16)
                 else:
-                    qf = tl.reshape((q | 0x4300).to(tl.int16), (BLOCK_N, BLOCK_K)).to(tl.bfloat16, bitcast=True)
+                    qf = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
                     zf = (z + 128).to(tl.bfloat16)
                 w = (qf - zf[:, None]) * s.to(qf.dtype)[:, None]  # q - z exact; one rounding, as below
             else:
-                q = tl.reshape(q, (BLOCK_N, BLOCK_K))
                 w = ((q - z[:, None]).to(tl.float32) * s.to(tl.float32)[:, None]).to(x.dtype)
             acc = tl.dot(x, tl.trans(w), acc)
         if HAS_BIAS:
@@ -126,6 +132,7 @@ class GemmConfig:
     num_stages: int = 3
     group_m: int = 8
     magic: bool = True  # unpack by exponent bits (no int-to-float conversion); False: convert
+    gather: bool = False  # each column loads its word (no reshape of [N, K / 8, 8] codes); False: reshape
 
     def as_dict(self) -> dict[str, Any]:
         return {"kernel": "gemm", **self.__dict__}
@@ -155,7 +162,7 @@ def default_config(m: int, n: int) -> GemmConfig:
 def candidate_configs(m: int) -> list[GemmConfig]:
     """What ``bench/gemm_bench.py`` sweeps for ``m`` rows: 32-row tiles up to 64 rows, 64-row ones
     for 33 to 256, 128-row ones from 65; 64 to 256 output rows per tile, 64 or 128 columns per step;
-    the default tiles also without the exponent-bit unpack."""
+    the default tiles also without the exponent-bit unpack and with per-column word loads."""
     out = []
     if m <= 64:
         out += [GemmConfig(32, 64, 64, 4, 4), GemmConfig(32, 64, 128, 4, 4), GemmConfig(32, 128, 64, 4, 4),
@@ -166,10 +173,11 @@ def candidate_configs(m: int) -> list[GemmConfig]:
     if m > 64:
         out += [GemmConfig(128, 64, 128, 4, 4), GemmConfig(128, 128, 64, 4, 4), GemmConfig(128, 128, 64, 8, 3),
                 GemmConfig(128, 128, 128, 8, 3), GemmConfig(128, 256, 64, 8, 3)]
-    # the default tile of each size with int-to-float conversion instead of exponent bits (A/B)
-    out += [replace(c, magic=False) for c in out if c in (GemmConfig(32, 128, 64, 4, 4), GemmConfig(64, 128, 64, 4, 4),
-                                                           GemmConfig(128, 128, 64, 8, 3))]
-    return out
+    # the default tile of each size with int-to-float conversion instead of exponent bits, and with
+    # per-column word loads instead of the reshape (A/Bs of the unpack)
+    base = [c for c in out if c in (GemmConfig(32, 128, 64, 4, 4), GemmConfig(64, 128, 64, 4, 4),
+                                    GemmConfig(128, 128, 64, 8, 3))]
+    return out + [replace(c, magic=False) for c in base] + [replace(c, gather=True) for c in base]
 
 
 def gemm(x2d: torch.Tensor, wt: W4A16Weight, cfg: GemmConfig | None = None,
@@ -202,6 +210,6 @@ def gemm(x2d: torch.Tensor, wt: W4A16Weight, cfg: GemmConfig | None = None,
         m, n, k, wt.n_groups, wt.group, wt.words.shape[1], wt.words.shape[1] // 32, x2d.stride(0), out.stride(0),
         TILED=wt.codes_tiled, SZT=wt.sz_tiled, SYMMETRIC=wt.zeros is None, HAS_PERM=wt.perm is not None,
         HAS_BIAS=wt.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
-        MAGIC=cfg.magic, IS_FP16=x2d.dtype == torch.float16,
+        MAGIC=cfg.magic, GATHER=cfg.gather, IS_FP16=x2d.dtype == torch.float16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
