@@ -28,6 +28,7 @@ SHAPES = [  # (out, in, group, symmetric, act_order, bias)
     (64, 256, 128, False, False, False),
     (48, 512, 64, True, True, True),
     (32, 200, 200, False, False, True),  # per-channel, K not a multiple of the step
+    (48, 520, 520, False, False, False),  # per-channel, K not a multiple of 32 (a CUDA test shape)
 ]
 CONFIGS = [tg.GemmConfig(32, 32, 64, 4, 2, 2), tg.GemmConfig(16, 64, 128, 4, 2, 8),
            tg.GemmConfig(32, 32, 64, 4, 2, 2, magic=False), tg.GemmConfig(32, 32, 64, 4, 2, 2, gather=True),
