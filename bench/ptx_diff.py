@@ -10,6 +10,7 @@ GPU measurements still stand. Needs nvcc (a CUDA toolkit, or the ``nvidia-cuda-n
 
     python bench/ptx_diff.py --base 30e0e92
     python bench/ptx_diff.py --switches     # the tree's switch-on builds: do they compile, registers
+    python bench/ptx_diff.py --switches --arch sm_80   # the same for another GPU generation
 
 ``--switches`` compiles the tree's source with the switches off and with each combination on
 (``TILED``, ``SZT``, ``EVF``) for the same specializations to sm_90 cubins and prints ptxas's
@@ -28,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("compress/kernels/cuda/common.cuh", "compress/kernels/cuda/w4a16.cu")
 NEW_SWITCHES = {"TILED": 0, "SZT": 0, "EVF": 0}  # off: the layout before session 10
+ARCH = ["sm_90"]  # --arch: the GPU generation compiled for (one element, set by main)
 
 CONFIGS = [(2, 4, 2, 2, 0), (1, 2, 2, 2, 1), (1, 8, 4, 1, 0), (2, 2, 2, 1, 1)]  # (nt, kw, stages, kc, minb)
 VARIANTS = {
@@ -58,7 +60,7 @@ def source_at(rev: str | None) -> str:
 def ptx(nvcc: str, src: str, defines: dict[str, int], tmp: Path) -> str:
     cu, out = tmp / "k.cu", tmp / "k.ptx"
     cu.write_text("".join(f"#define {k} {v}\n" for k, v in defines.items()) + src)
-    r = subprocess.run([nvcc, "-arch=sm_90", "-ptx", "-o", str(out), str(cu)], capture_output=True, text=True)
+    r = subprocess.run([nvcc, f"-arch={ARCH[0]}", "-ptx", "-o", str(out), str(cu)], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"nvcc failed for {defines}: {r.stderr[-2000:]}")
     return re.sub(r"^//.*$", "", out.read_text(), flags=re.M)  # drop the compiler's header comments
@@ -72,7 +74,7 @@ def registers(nvcc: str, src: str, defines: dict[str, int], tmp: Path) -> int:
     """ptxas's register count for one specialization (raises if it does not compile)."""
     cu, out = tmp / "k.cu", tmp / "k.cubin"
     cu.write_text("".join(f"#define {k} {v}\n" for k, v in defines.items()) + src)
-    r = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(out), str(cu)],
+    r = subprocess.run([nvcc, f"-arch={ARCH[0]}", "-cubin", "-Xptxas", "-v", "-o", str(out), str(cu)],
                        capture_output=True, text=True)
     found = re.findall(r"Used (\d+) registers", r.stderr)
     if r.returncode or not found:
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", help="git revision to compare the working tree's source with")
     ap.add_argument("--switches", action="store_true", help="compile the switch-on builds instead")
     ap.add_argument("--nvcc", default=shutil.which("nvcc"))
+    ap.add_argument("--arch", default="sm_90", help="GPU generation to compile for (e.g. sm_80, sm_86, sm_89)")
     args = ap.parse_args(argv)
+    ARCH[0] = args.arch
     if not args.nvcc:
         print("ptx_diff needs nvcc (a CUDA toolkit, or the nvidia-cuda-nvcc, nvidia-cuda-crt and nvidia-nvvm "
               "wheels)", file=sys.stderr)
