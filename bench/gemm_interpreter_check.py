@@ -1,6 +1,7 @@
 """Run the W4A16 GEMM (``compress.kernels.triton_gemm``) in Triton's interpreter on the CPU against the
-fp64 product of the dequantized weight: both code layouts, act-order, symmetric, per-channel, bias,
-and the unpack variants. A check for machines without a GPU, not a benchmark.
+fp64 product of the dequantized weight, on weights packed by ``triton_w4a16.repack`` itself: both
+code layouts, act-order, symmetric, per-channel, bias, and the unpack variants. A check for machines
+without a GPU, not a benchmark.
 
     pip install --target /tmp/tsite triton==3.6.0 "numpy<2.3"   # numpy 2.3+ breaks the interpreter's loops
     PYTHONPATH=/tmp/tsite:. TRITON_INTERPRET=1 python3 bench/gemm_interpreter_check.py
@@ -20,9 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.kernels import layout  # noqa: E402
+from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize, rtn_quantize_permuted  # noqa: E402
+from compress.kernels import cuda_w4a16 as cw  # noqa: E402
 from compress.kernels import triton_gemm as tg  # noqa: E402
-from compress.kernels.packed import W4A16Weight, dequantize_packed  # noqa: E402
+from compress.kernels.packed import W4A16Weight  # noqa: E402
+
+try:
+    from compress.kernels import triton_w4a16 as tw  # noqa: E402
+except ImportError:  # no Triton: main() says what to install
+    tw = None
 
 SHAPES = [  # (out, in, group, symmetric, act_order, bias)
     (64, 256, 128, False, False, False),
@@ -36,38 +43,34 @@ CONFIGS = [tg.GemmConfig(32, 32, 64, 4, 2, 2), tg.GemmConfig(16, 64, 128, 4, 2, 
 
 
 def packed_weight(n: int, k: int, gs: int, sym: bool, act: bool, bias: bool, tiled: bool,
-                  dtype: torch.dtype) -> W4A16Weight:
-    """What ``triton_w4a16.repack(..., kernel="cuda")`` builds, made on the CPU."""
-    g = k // gs
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    scales = torch.rand(n, g) * 0.02 + 0.005
-    zeros = torch.full((n, g), 8, dtype=torch.uint8) if sym else torch.randint(0, 16, (n, g), dtype=torch.uint8)
-    g_idx = torch.arange(k) // gs
+                  dtype: torch.dtype) -> tuple[W4A16Weight, torch.Tensor]:
+    """``triton_w4a16.repack(..., kernel="cuda")`` itself, run on the CPU (only its device checks
+    need a GPU; the packing is plain torch), and the dequantized weight it stands for (fp64)."""
+    w = torch.randn(n, k)
     if act:
-        g_idx = g_idx[torch.randperm(k)]
-    order = layout.contiguous_group_order(g_idx.int(), g)
-    words = layout.pack_chunked(layout.ordered_codes(codes, order))
-    sg = layout.group_major(scales, dtype)
-    zg = None if sym else layout.group_major(zeros, torch.uint8)
-    if tiled:
-        words, sg = layout.tile_major(words), layout.tile_groups(sg)
-        zg = None if zg is None else layout.tile_groups(zg)
-    return W4A16Weight(words=words, scales=sg, zeros=zg, perm=None if order.perm is None else order.perm.int(),
-                       bias=torch.randn(n) if bias else None, in_features=k, out_features=n,
-                       group=order.group_size, width=1, kernel="cuda", codes_tiled=tiled, sz_tiled=tiled)
+        q, s, z, g = rtn_quantize_permuted(w, 4, gs, sym, torch.randperm(k))
+    else:
+        q, s, z = rtn_quantize(w, 4, gs, sym)
+        g = default_g_idx(k, gs)
+    s = s.to(dtype)
+    b = torch.randn(n) if bias else None
+    cw.TILE_MAJOR = cw.TILE_LAYOUTS["both_evf" if tiled else "row"]
+    wt = tw.repack(q, s, z, g, 4, sym, b, "cpu", kernel="cuda", pdl=False)
+    return wt, dequantize_weight(q, s, z, g).double()
 
 
 def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1" or tg._gemm_kernel is None:
+    if os.environ.get("TRITON_INTERPRET") != "1" or tw is None:
         print("needs Triton importable and TRITON_INTERPRET=1 (see the docstring)", file=sys.stderr)
         return 2
+    cw.unsupported_reason = lambda *args: None  # no CUDA device here: let repack pack for the CUDA kernel
     torch.manual_seed(0)
     worst = 0.0
     for (n, k, gs, sym, act, bias), tiled, dtype, m, cfg in itertools.product(
             SHAPES, [False, True], [torch.float16, torch.bfloat16], [17, 40], CONFIGS):
-        wt = packed_weight(n, k, gs, sym, act, bias, tiled, dtype)
+        wt, w64 = packed_weight(n, k, gs, sym, act, bias, tiled, dtype)
         x = torch.randn(m, k, dtype=dtype)
-        ref = x.double() @ dequantize_packed(wt, torch.float64).t() + (0 if wt.bias is None else wt.bias.double())
+        ref = x.double() @ w64.t() + (0 if wt.bias is None else wt.bias.double())
         err = float((tg.gemm(x, wt, cfg).double() - ref).norm() / ref.norm())
         if dtype == torch.float16:
             worst = max(worst, err)
