@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.algos.quant import default_g_idx, dequantize_weight, rtn_quantize  # noqa: E402
 from compress.kernels import cuda_w4a16 as cw  # noqa: E402
 
 try:
@@ -32,23 +31,14 @@ try:
 except ImportError as e:
     sys.exit(f"gemm_bench needs a CUDA GPU with Triton installed ({e})")
 from compress.kernels.gpu_timing import graph_time_ms  # noqa: E402
+from kernel_bench import quantized_weight, rel_err  # noqa: E402  (bench/ is the script's folder)
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (8192, 8192)]
 ROWS = [32, 128, 512, 2048]
 
 
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
-
-
 def run_shape(n: int, k: int, gs: int, rows: list[int], symmetric: bool) -> list[dict]:
-    torch.manual_seed(n * 7 + k)
-    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
-    q, s, z = rtn_quantize(w, 4, gs, symmetric)
-    g = default_g_idx(k, gs, device="cuda")
-    s = s.to(torch.float16)
-    wref = dequantize_weight(q, s, z, g).double()
-    wdq16 = wref.to(torch.float16)  # fp16 cuBLAS multiplies the same (dequantized) weight
+    q, s, z, g, wref, wdq16 = quantized_weight(n, k, gs, symmetric)  # kernel_bench's weight of this shape
     wt = tw.repack(q, s, z, g, 4, symmetric, None, "cuda", kernel="cuda")
     copies16 = [wdq16] + [wdq16.clone() for _ in range(tw.copies_for(n * k * 2) - 1)]
     copies4 = [wt] + [wt.clone() for _ in range(tw.copies_for(wt.nbytes()) - 1)]

@@ -86,8 +86,9 @@ def tinygemm_setup(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gs: int):
     return packed, sz
 
 
-def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy_gbps: float,
-              act_order: bool = False) -> list[dict]:
+def quantized_weight(n: int, k: int, gs: int, symmetric: bool, act_order: bool = False):
+    """RTN codes of a random [n, k] weight seeded by its shape (so every benchmark times the same
+    weight): (q, s, z, g_idx, the dequantized weight in fp64, the same in fp16 for cuBLAS)."""
     torch.manual_seed(n * 7 + k)
     w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
     if act_order:
@@ -97,7 +98,12 @@ def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy
         g = default_g_idx(k, gs, device="cuda")
     s = s.to(torch.float16)
     wref = dequantize_weight(q, s, z, g).double()
-    wdq16 = wref.to(torch.float16)  # the fp16 baseline multiplies the same (dequantized) weight
+    return q, s, z, g, wref, wref.to(torch.float16)  # the fp16 baseline multiplies the same weight
+
+
+def run_shape(n: int, k: int, gs: int, symmetric: bool, batches: list[int], copy_gbps: float,
+              act_order: bool = False) -> list[dict]:
+    q, s, z, g, wref, wdq16 = quantized_weight(n, k, gs, symmetric, act_order)
     tg = None
     if not act_order:
         try:

@@ -30,8 +30,13 @@ except ImportError:  # a CPU-only install: the configs and the policy below stil
 
 if triton is not None:
     @triton.jit
+    def _bit_of(j):
+        """Bit offset of column j (0..7) of a word: ``layout.PLANE_SHIFT[j]``."""
+        return (j // 2) * 4 + (j % 2) * 16
+
+    @triton.jit
     def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, perm_ptr, b_ptr, out_ptr,
-                     M, N, K, G, GROUP, WPR, STEPS, stride_xm, stride_om,
+                     M, N, K, G, GROUP, WPR, stride_xm, stride_om,
                      TILED: tl.constexpr, SZT: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_PERM: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, MAGIC: tl.constexpr, GATHER: tl.constexpr, IS_FP16: tl.constexpr):
@@ -51,10 +56,9 @@ if triton is not None:
         n_mask = offs_n < N
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         WK: tl.constexpr = BLOCK_K // 8  # words per row and tile
-        j = tl.arange(0, 8)
-        shifts = (j // 2) * 4 + (j % 2) * 16
+        shifts = _bit_of(tl.arange(0, 8))
         if TILED:  # [N/16][Kp/256][2][16 rows][16 words]: 16 rows x 128 columns are one 1 KB block
-            row_base = (offs_n // 16).to(tl.int64) * (STEPS * 512) + (offs_n % 16) * 16
+            row_base = (offs_n // 16).to(tl.int64) * (WPR * 16) + (offs_n % 16) * 16  # a tile: 16 rows
         else:
             row_base = offs_n.to(tl.int64) * WPR
         if SZT:  # [N/16][G][16]
@@ -82,8 +86,7 @@ if triton is not None:
                 w_off = kw
             words = tl.load(w_ptr + row_base[:, None] + w_off[None, :], mask=n_mask[:, None], other=0)
             if GATHER:
-                jk = offs_k % 8
-                q = (words >> ((jk // 2) * 4 + (jk % 2) * 16)[None, :]) & 0xF
+                q = (words >> _bit_of(offs_k % 8)[None, :]) & 0xF
             else:
                 q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
             g = k0 // GROUP
@@ -207,7 +210,7 @@ def gemm(x2d: torch.Tensor, wt: W4A16Weight, cfg: GemmConfig | None = None,
     _gemm_kernel[grid](
         x2d, wt.words, scales, wt.zeros if wt.zeros is not None else dummy,
         wt.perm if wt.perm is not None else dummy, wt.bias if wt.bias is not None else dummy, out,
-        m, n, k, wt.n_groups, wt.group, wt.words.shape[1], wt.words.shape[1] // 32, x2d.stride(0), out.stride(0),
+        m, n, k, wt.n_groups, wt.group, wt.words.shape[1], x2d.stride(0), out.stride(0),
         TILED=wt.codes_tiled, SZT=wt.sz_tiled, SYMMETRIC=wt.zeros is None, HAS_PERM=wt.perm is not None,
         HAS_BIAS=wt.bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
         MAGIC=cfg.magic, GATHER=cfg.gather, IS_FP16=x2d.dtype == torch.float16,
