@@ -36,7 +36,7 @@ from compress.adapters import get_adapter, set_submodule  # noqa: E402
 from compress.algos.quant import default_g_idx, rtn_quantize, rtn_quantize_permuted, shared_permutations  # noqa: E402
 from compress.kernels import accelerate, fused_block, tune_triton  # noqa: E402
 from compress.kernels.cuda_w4a16 import TILE_LAYOUTS  # noqa: E402
-from compress.kernels.dispatch import CPU_PREFILL, packed_weights  # noqa: E402
+from compress.kernels.dispatch import CPU_PREFILL, LARGE_M, packed_weights  # noqa: E402
 from compress.nn.qlinear import QuantizedLinear  # noqa: E402
 from compress.modeling import cache_kwargs  # noqa: E402
 
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=None, help="default: 128 (gpu), 64 (cpu: 576 = 4.5 x 128)")
     ap.add_argument("--symmetric", action="store_true")
-    ap.add_argument("--large-m", default="auto", choices=["auto", "dequant", "gemm", "triton"],
+    ap.add_argument("--large-m", default="auto", choices=LARGE_M,
                     help="gpu: prefill path (accelerate(large_m=...))")
     ap.add_argument("--plane-width", type=int, default=16, choices=[16, 32, 64], help="gpu: Triton packing width")
     ap.add_argument("--variants", default="fused_pdl,plain",

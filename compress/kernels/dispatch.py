@@ -146,7 +146,7 @@ def _choose(mod: QuantizedLinear, backend: str, triton_ok: tuple[bool, str],
     return "cpu-int4", "CPU INT4 kernel"  # the installed forward names which (cpu_backend.cpu_layer)
 
 
-def _gpu_path(kernel: str, large_m: str = "dequant") -> tuple[str, str]:
+def _gpu_path(kernel: str, large_m: str) -> tuple[str, str]:
     """(path, reason) of a layer packed for ``W4A16Weight.kernel``, ``large_m`` as given to accelerate."""
     if kernel == "cuda":
         from compress.kernels import triton_gemm
