@@ -20,7 +20,7 @@ from compress.passes.common import matches
 
 if TYPE_CHECKING:
     from compress.adapters import Adapter
-    from compress.passes.sparse_finetune import SparseFinetuneConfig
+    from compress.finetune.config import SparseFinetuneConfig
 
 
 def block_linears(model: nn.Module, adapter: "Adapter") -> dict[str, nn.Module]:
