@@ -27,24 +27,24 @@ for what in ${1:-structure alpha finetune}; do
   echo "=== $what $(date -u +%H:%M:%S)"
   case $what in
     structure)
-      python3 bench/structure_bench.py $COMMON --nsamples 32 --repeats 0 --out "$OUT/structure_grid.json" ;;
+      python3 bench/quality/structure_bench.py $COMMON --nsamples 32 --repeats 0 --out "$OUT/structure_grid.json" ;;
     structure2)
-      python3 bench/structure_bench.py $COMMON --nsamples 32 --repeats 0 --head-ratio 0.34 \
+      python3 bench/quality/structure_bench.py $COMMON --nsamples 32 --repeats 0 --head-ratio 0.34 \
         --width-ratios 0.0,0.2,0.3 --criteria activation,taylor --depths "" --out "$OUT/structure_heads.json"
-      python3 bench/structure_bench.py $COMMON --nsamples 32 --repeats 0 --width-ratios "" --depths 2,4,6 \
+      python3 bench/quality/structure_bench.py $COMMON --nsamples 32 --repeats 0 --width-ratios "" --depths 2,4,6 \
         --depth-metric perplexity --out "$OUT/structure_depth_ppl.json"
       # LLM-Pruner's anchor is perplexity at 128 tokens
-      python3 bench/structure_bench.py $COMMON --nsamples 32 --repeats 0 --seqlen 128 --head-ratio 0.34 \
+      python3 bench/quality/structure_bench.py $COMMON --nsamples 32 --repeats 0 --seqlen 128 --head-ratio 0.34 \
         --width-ratios 0.2 --criteria taylor --depths 4 --out "$OUT/structure_seq128.json" ;;
     alpha)
       S=""
       for m in wanda sparsegpt; do for e in 0.1 0.2 0.5; do S="$S,$m-70%-alpha-eps$e"; done; done
-      python3 bench/quant_bench.py $COMMON --nsamples 128 --settings "${S#,}" --out "$OUT/alpha_eps.json" ;;
+      python3 bench/quality/quant_bench.py $COMMON --nsamples 128 --settings "${S#,}" --out "$OUT/alpha_eps.json" ;;
     finetune)
-      python3 bench/finetune_bench.py $COMMON --train-data $C --autocast bf16 --out "$OUT/finetune.json" ;;
+      python3 bench/quality/finetune_bench.py $COMMON --train-data $C --autocast bf16 --out "$OUT/finetune.json" ;;
     bnb)
-      python3 bench/bnb_compare.py quality $COMMON --out "$OUT/bnb_quality.json"
-      python3 bench/bnb_compare.py speed --out "$OUT/bnb_speed.json" ;;
+      python3 bench/quality/bnb_compare.py quality $COMMON --out "$OUT/bnb_quality.json"
+      python3 bench/quality/bnb_compare.py speed --out "$OUT/bnb_speed.json" ;;
     *) echo "unknown group $what"; exit 2 ;;
   esac
 done

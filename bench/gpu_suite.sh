@@ -25,10 +25,10 @@ for stage in $STAGES; do
         > "$OUT/pytest_gpu.log" 2>&1
       tail -25 "$OUT/pytest_gpu.log" ;;
     kernel)
-      timeout 150 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1
+      timeout 150 python3 bench/speed/kernel_bench.py --out "$OUT/kernel_bench.json" > "$OUT/kernel_bench.log" 2>&1
       tail -24 "$OUT/kernel_bench.log"
       # the stacked shapes accelerate() makes of Llama-2-7B's q/k/v and gate/up
-      timeout 60 python3 bench/kernel_bench.py --shapes 12288x4096,22016x4096 --batches 1 --large-m '' \
+      timeout 60 python3 bench/speed/kernel_bench.py --shapes 12288x4096,22016x4096 --batches 1 --large-m '' \
         --out "$OUT/kernel_bench_stacked.json" > "$OUT/kernel_bench_stacked.log" 2>&1
       tail -4 "$OUT/kernel_bench_stacked.log" ;;
     e2e)
@@ -46,15 +46,15 @@ PY
       # compile_pdl (torch.compile with Inductor's PDL, the headline since session 4): ~2 minutes of
       # compilation per model; drop it from --modes for a quick run. --attn compress: our decode
       # attention in both models (the headline since session 7)
-      timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --attn compress \
+      timeout 450 python3 bench/speed/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --attn compress \
         --out "$OUT/e2e_gpu.json" > "$OUT/e2e.log" 2>&1
       grep -v Warning "$OUT/e2e.log" | tail -12 ;;
     fused)
       # fused decoder blocks: what the fusions cost per launch, then the 8-layer A/B against stacked
       # launches without them (same call), compiled + Inductor PDL
-      timeout 100 python3 bench/fused_kernels.py --batches 1 --out "$OUT/fused_kernels.json" > "$OUT/fused_kernels.log" 2>&1
+      timeout 100 python3 bench/speed/fused_kernels.py --batches 1 --out "$OUT/fused_kernels.json" > "$OUT/fused_kernels.log" 2>&1
       tail -5 "$OUT/fused_kernels.log"
-      timeout 300 python3 bench/e2e_decode.py gpu --layers 8 --variants fused_pdl,stacked_pdl --modes compile_pdl \
+      timeout 300 python3 bench/speed/e2e_decode.py gpu --layers 8 --variants fused_pdl,stacked_pdl --modes compile_pdl \
         --out "$OUT/e2e8_fused_blocks.json" > "$OUT/e2e8_fused.log" 2>&1
       grep -v Warning "$OUT/e2e8_fused.log" | tail -4 ;;
     attn)
@@ -63,19 +63,19 @@ PY
       timeout 200 python3 -m pytest tests/test_decode_attention.py -q -m gpu -p no:cacheprovider -n 8 \
         > "$OUT/pytest_gpu_attn.log" 2>&1
       tail -5 "$OUT/pytest_gpu_attn.log"
-      timeout 120 python3 bench/decode_attention.py --out "$OUT/decode_attention.json" > "$OUT/decode_attention.log" 2>&1
+      timeout 120 python3 bench/speed/decode_attention.py --out "$OUT/decode_attention.json" > "$OUT/decode_attention.log" 2>&1
       cat "$OUT/decode_attention.log"
-      timeout 300 python3 bench/e2e_decode.py gpu --layers 8 --variants fused_pdl --modes compile_pdl --attn compress \
+      timeout 300 python3 bench/speed/e2e_decode.py gpu --layers 8 --variants fused_pdl --modes compile_pdl --attn compress \
         --out "$OUT/e2e8_attn.json" > "$OUT/e2e8_attn.log" 2>&1
       grep -v Warning "$OUT/e2e8_attn.log" | tail -4 ;;
     layout)
       # the tile-major layout (session 10, off by default): the GPU tests run every layout, then
-      # bench/layout_probe.py tunes and times each against fp16 in interleaved rounds; kernel_bench
+      # bench/probes/layout_probe.py tunes and times each against fp16 in interleaved rounds; kernel_bench
       # with --tile-major both gives the full table in the layout if it wins
       timeout 200 python3 -m pytest tests/test_kernels.py -q -m gpu -p no:cacheprovider -n 8 \
         -k "every_config or dequantize_word" > "$OUT/pytest_gpu_layout.log" 2>&1
       tail -4 "$OUT/pytest_gpu_layout.log"
-      timeout 330 python3 bench/layout_probe.py --out "$OUT/layout_probe.json" > "$OUT/layout_probe.log" 2>&1
+      timeout 330 python3 bench/probes/layout_probe.py --out "$OUT/layout_probe.json" > "$OUT/layout_probe.log" 2>&1
       grep -v skipped "$OUT/layout_probe.log" | tail -8 ;;
     gemm)
       # the W4A16 GEMM for prefill (session 13, off until measured): its GPU tests, the sweep on the
@@ -83,15 +83,15 @@ PY
       timeout 150 python3 -m pytest tests/test_triton_gemm.py -q -m gpu -p no:cacheprovider -n 12 \
         > "$OUT/pytest_gpu_gemm.log" 2>&1
       tail -5 "$OUT/pytest_gpu_gemm.log"
-      timeout 240 python3 bench/gemm_bench.py --shapes 4096x4096,12288x4096,22016x4096,4096x11008 \
+      timeout 240 python3 bench/speed/gemm_bench.py --shapes 4096x4096,12288x4096,22016x4096,4096x11008 \
         --out "$OUT/gemm_bench.json" > "$OUT/gemm_bench.log" 2>&1
       tail -22 "$OUT/gemm_bench.log"
-      timeout 200 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes compile_pdl --attn compress --large-m gemm \
+      timeout 200 python3 bench/speed/e2e_decode.py gpu --variants fused_pdl --modes compile_pdl --attn compress --large-m gemm \
         --out "$OUT/e2e_gpu_gemm.json" > "$OUT/e2e_gemm.log" 2>&1
       grep -v Warning "$OUT/e2e_gemm.log" | grep "compile_pdl\|speedup" ;;
     e2e_act)
       # GPTQ-style act-order layers (RTN numerics): the gather costs under compile and CUDA graphs
-      timeout 450 python3 bench/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --act-order \
+      timeout 450 python3 bench/speed/e2e_decode.py gpu --variants fused_pdl --modes cuda_graph,compile_pdl --act-order \
         --out "$OUT/e2e_gpu_actorder.json" > "$OUT/e2e_act.log" 2>&1
       grep -v Warning "$OUT/e2e_act.log" | tail -8 ;;
     cli)
@@ -120,7 +120,7 @@ for extra in ([], ["--json"], ["--json", "--mode", "compile"], ["--json", "--mod
 PY
       tail -22 "$OUT/cli.log" ;;
     latency)
-      timeout 400 python3 bench/gpu_latency.py --out "$OUT/gpu_latency.json" > "$OUT/latency.log" 2>&1
+      timeout 400 python3 bench/roofline/gpu_latency.py --out "$OUT/gpu_latency.json" > "$OUT/latency.log" 2>&1
       tail -20 "$OUT/latency.log" ;;
   esac
 done

@@ -293,7 +293,7 @@ def test_cuda_fused_epilogues_match_float32_reference(n, k, gs, sym, bias, dtype
 def test_accelerate_fuses_blocks_on_cuda_eager_graph_and_compiled():
     """A tiny Llama in fp16: fused blocks match the unfused accelerated model at decode-sized and
     prefill-sized inputs (the latter runs the torch path), eagerly and under torch.compile. (That
-    ``tune_triton`` tunes the fused launches too is seen in ``bench/e2e_decode.py``'s "tuned" field:
+    ``tune_triton`` tunes the fused launches too is seen in ``bench/speed/e2e_decode.py``'s "tuned" field:
     tuning 8 shapes here would take minutes.)"""
     model = tiny_quantized_model(device="cuda").half()
     ids, long_ids = torch.randint(0, 256, (1, 5), device="cuda"), torch.randint(0, 256, (1, 40), device="cuda")

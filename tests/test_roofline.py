@@ -540,7 +540,7 @@ def test_compress_runtime_dense_baseline_keeps_separate_gemms_and_prefill_dequan
 
 def test_compress_runtime_on_the_h100_against_the_measured_7b_decode():
     """The H100's fitted terms (kernel-only measurements) against session 7's end-to-end run
-    (bench/results/kernel_e2e_decode_h100_s7_attn_cluster.json: fp16 5.932, INT4 1.953 ms/token)."""
+    (bench/results/kernel_e2e_decode_attn_cluster_h100_2026-12-06.json: fp16 5.932, INT4 1.953 ms/token)."""
     spec = {"device": "h100", "prompt": 128, "generate": 64, "implementation": "compress"}
     r = estimate("llama-2-7b", spec, compression={"weight_bits": 4, "group_size": 128})
     assert not r.warnings
@@ -551,4 +551,4 @@ def test_compress_runtime_on_the_h100_against_the_measured_7b_decode():
     h200 = estimate("llama-2-7b", {**spec, "device": "h200"}, compression={"weight_bits": 4})
     assert [w for w in h200.warnings if "compress's kernels" in w] == [
         "h200 has no measured bandwidth of w4a16, decode_attention (taken as the memory fraction) for compress's "
-        "kernels (bench/fit_compress_roofline.py fits them)"]
+        "kernels (bench/roofline/fit_compress_roofline.py fits them)"]

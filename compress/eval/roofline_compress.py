@@ -2,7 +2,7 @@
 
 That is a model compiled with ``torch.compile`` (Inductor fuses each elementwise chain into one
 kernel, as ``fused`` counts) after ``accelerate()`` and ``attention.install()``, as ``compress
-bench --mode compile`` and ``bench/e2e_decode.py --attn compress`` time it (docs/kernels.md):
+bench --mode compile`` and ``bench/speed/e2e_decode.py --attn compress`` time it (docs/kernels.md):
 
 - quantized linears at decode (up to ``SMALL_M`` rows) run our W4A16 kernel, one launch per
   stacked group: q/k/v as one, gate/up as one (``kernel="w4a16"``); dense linears stay
@@ -21,7 +21,7 @@ bench --mode compile`` and ``bench/e2e_decode.py --attn compress`` time it (docs
 The dense baseline under this implementation is the compiled model with our decode attention, the
 fp16 side of the measured comparison. Each launch of our kernels costs the device's fixed time for
 that kernel plus its bytes at the device's fraction for it (``overhead.by_kernel``,
-``achievable.by_op``; fitted per device by ``bench/fit_compress_roofline.py``).
+``achievable.by_op``; fitted per device by ``bench/roofline/fit_compress_roofline.py``).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def missing_terms(device: Any) -> str | None:
     what = ([f"fixed cost of {', '.join(no_fixed)} (taken as cuBLAS's / flash attention's)"] if no_fixed else []) \
         + ([f"bandwidth of {', '.join(no_rate)} (taken as the memory fraction)"] if no_rate else [])
     return (f"{device.name} has no measured {' and '.join(what)} for compress's kernels "
-            "(bench/fit_compress_roofline.py fits them)")
+            "(bench/roofline/fit_compress_roofline.py fits them)")
 
 
 def decode_attention(batch: int, slots: int, ly: LayerShape, a: int, kv_b: int) -> Op:

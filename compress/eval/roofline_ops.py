@@ -16,7 +16,7 @@ Two implementations are counted here (``impl``; a third, ``compress``, is in ``r
 ``fused`` is the floor: one kernel per operator, each
 activation read and written once. ``transformers`` is what transformers' PyTorch modules launch,
 one kernel per PyTorch op (Llama, transformers 5.17, counted with torch.profiler on an H100,
-bench/results/gpu_profile_h100.json): RMSNorm as 8 kernels through fp32 intermediates (6 when the
+bench/results/gpu_profile_h100_2026-11-22.json): RMSNorm as 8 kernels through fp32 intermediates (6 when the
 activations are fp32), rotary as mul/neg/cat/mul/add per tensor, the static cache's ``index_copy_``
 (reads and writes each new row) with its position arithmetic, the MLP activation as silu then mul,
 and decode attention over every slot of a static cache behind a boolean mask (converted by

@@ -9,7 +9,7 @@ table names (the parent of the q or qkv projection). Masks are built as for SDPA
 switches back.
 
 The fp16 baseline of a speed comparison gets the same attention (``compress bench`` and
-``bench/e2e_decode.py --attn compress`` install it on both models), so that a speedup credited to
+``bench/speed/e2e_decode.py --attn compress`` install it on both models), so that a speedup credited to
 INT4 is not the attention kernel's.
 """
 from __future__ import annotations

@@ -95,7 +95,7 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_i
 def fast_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16, which oneDNN
     uses for torch's bf16 GEMMs; with session 5's AMX, dequantize + bf16 GEMM took 0.81 ms against
-    1.82 for dequantize + fp32 on a 1536x576 layer at 128 rows, ``bench/cpu_crossover.py``).
+    1.82 for dequantize + fp32 on a 1536x576 layer at 128 rows, ``bench/speed/cpu_crossover.py``).
     Elsewhere bf16 GEMMs are emulated and slower than fp32."""
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")

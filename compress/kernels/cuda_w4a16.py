@@ -57,7 +57,7 @@ _SOURCE = cuda_source("w4a16.cu")  # CUDA C++: cuda/common.cuh + cuda/w4a16.cu
 #: points tile-major (``layout.tile_groups``), weight copies with an L2 evict-first policy). The
 #: kernels read every combination (``TILED`` / ``SZT`` / ``EVF`` in the source). On an H100 all three
 #: took batch-1 speedups over fp16 from 3.33-3.67x (row-major) to 3.74-3.91x on the five Llama shapes
-#: (session 11, ``python3 bench/layout_probe.py --stages 2``), and in session 13 the GPU test suite
+#: (session 11, ``python3 bench/probes/layout_probe.py --stages 2``), and in session 13 the GPU test suite
 #: passed on it (145 tests: every row count, bf16, act-order, fused epilogues, the prefill path's
 #: dequantize kernel) and the 7B decode step went from 3.04x to 3.21x of fp16 in the same lease
 #: (docs/kernels.md), so it is the default. ``$COMPRESS_TILE_LAYOUT`` (one of TILE_LAYOUTS' names)
@@ -205,7 +205,7 @@ def default_config(m: int, n: int, sm_count: int = 132, *, tiled: bool | None = 
     256-column steps and 6 (128-column steps where 256 would not fit 48 KB of shared memory). On
     that sweep (17 shape x M points, stacked q/k/v and gate/up included) 4% slower than the tuned
     best on average (worst 21%), where the row-major rule was 14% (worst 31%). ``tune`` (``compress
-    bench`` tunes) is still worth it; the "untuned" column of ``bench/kernel_bench.py`` shows by how
+    bench`` tunes) is still worth it; the "untuned" column of ``bench/speed/kernel_bench.py`` shows by how
     much."""
     if tiled is None:
         tiled = TILE_MAJOR[0]

@@ -63,7 +63,7 @@ LONG_MIN = 2048
 
 def choose_config(length: int, heads: int = 32, sms: int = 132, clusters: bool = True) -> Config:
     """The config for ``length`` cache positions and ``heads`` (sequences x heads), from
-    ``bench/decode_attention.py`` on an H100 (docs/kernels.md). Short caches: a cluster of 4 blocks
+    ``bench/speed/decode_attention.py`` on an H100 (docs/kernels.md). Short caches: a cluster of 4 blocks
     per head while the grid stays within 1.5 blocks per multiprocessor (4.9 us at 193 positions
     and 32 heads, against 5.3 for one block per head and 10.7 for cuDNN), else one block per head
     (no combine step); middle lengths: about 2 blocks per multiprocessor with the counter combine;

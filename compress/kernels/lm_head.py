@@ -2,7 +2,7 @@
 
 Why: on a small model the lm_head is the largest single read of a decode step. SmolLM2-135M's is its
 tied fp32 embedding, 49152 x 576 = 113 MB per token, 9.6 of a 35.6 ms one-thread step on session 9's
-Xeon (docs/kernels.md). INT4 there costs +13% perplexity (``bench/lm_head_quality.py``); 8-bit codes
+Xeon (docs/kernels.md). INT4 there costs +13% perplexity (``bench/quality/lm_head_quality.py``); 8-bit codes
 with one scale per output row read a quarter of the bytes and cost far less (measured by the same
 script, docs/kernels.md).
 

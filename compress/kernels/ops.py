@@ -87,8 +87,8 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.T
 # The CPU op is registered one level lower than the GPU ones (a schema and a CPU kernel instead of
 # ``torch.library.custom_op``): on the CPU the host time of each call is the cost, paid by 210
 # layers per SmolLM2 token, and custom_op's wrapper adds about 3 us per call in inference mode
-# (8.9 vs 5.9 us for a do-nothing op: ``python bench/cpu_compile_probe.py --op-overhead``,
-# bench/results/cpu_op_overhead_s10.txt). Inference only: no autograd formula, like the kernel.
+# (8.9 vs 5.9 us for a do-nothing op: ``python bench/probes/cpu_compile_probe.py --op-overhead``,
+# bench/results/cpu_op_overhead_cpu_2026-12-06.txt). Inference only: no autograd formula, like the kernel.
 _CPU_LIB = torch.library.Library("compress", "FRAGMENT")
 _CPU_LIB.define("cpu_int4_linear(Tensor x, int handle, int out_features) -> Tensor")
 

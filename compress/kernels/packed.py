@@ -43,7 +43,7 @@ class W4A16Weight:
     #: ``layout.tile_groups`` order (same shapes; a 16-row tile's bytes contiguous)
     codes_tiled: bool = False
     sz_tiled: bool = False
-    #: CUDA kernel only: the weight copies carry an L2 evict-first policy (``bench/layout_probe.py``)
+    #: CUDA kernel only: the weight copies carry an L2 evict-first policy (``bench/probes/layout_probe.py``)
     evict_first: bool = False
     _scales_as: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
     #: CUDA kernel only: launch objects per (config, dtype, rows > 8, pdl); they hold this weight's

@@ -117,7 +117,7 @@ else:
 
 
 #: ``large_m="auto"`` runs the GEMM for 17 .. AUTO_MAX_M rows and dequantize + cuBLAS above
-#: (0: never; set from the H100 sweep of ``bench/gemm_bench.py``, docs/kernels.md)
+#: (0: never; set from the H100 sweep of ``bench/speed/gemm_bench.py``, docs/kernels.md)
 AUTO_MAX_M = 0
 
 
@@ -163,7 +163,7 @@ def default_config(m: int, n: int) -> GemmConfig:
 
 
 def candidate_configs(m: int) -> list[GemmConfig]:
-    """What ``bench/gemm_bench.py`` sweeps for ``m`` rows: 32-row tiles up to 64 rows, 64-row ones
+    """What ``bench/speed/gemm_bench.py`` sweeps for ``m`` rows: 32-row tiles up to 64 rows, 64-row ones
     for 33 to 256, 128-row ones from 65; 64 to 256 output rows per tile, 64 or 128 columns per step;
     the default tiles also without the exponent-bit unpack and with per-column word loads."""
     out = []
