@@ -274,7 +274,7 @@ def test_accelerate_auto_on_cpu_installs_cpu_int4_and_says_so(caplog):
     assert rel_err(fast, ref) < 3e-2  # bf16 activations through two blocks
     assert rel_err(dense, ref_long) < 1e-5
     # not stacked on the CPU: one int4 call for q/k/v took as long as three inside the model (the
-    # kernel's time is per byte there) and the member bookkeeping cost host time (docs/kernels.md)
+    # kernel's time is per byte there) and the member bookkeeping cost host time (docs/design/experiments.md)
     assert report.fused == []
 
 
@@ -797,7 +797,7 @@ def test_cuda_default_config_is_a_candidate_that_fits_any_gpu(tiled):
             cfg = cw.default_config(m, n, tiled=tiled)
             assert cfg in cw.candidate_configs(m, n), (m, n, cfg)
             assert cfg.smem_bytes(norm=True) <= cw.SMEM_LIMIT, (m, n, cfg)
-    # what the sweeps chose per layout (docs/kernels.md): at one row the tile-major rule gives tall
+    # what the sweeps chose per layout (docs/design/experiments.md): at one row the tile-major rule gives tall
     # layers two tiles per warp and 4096-row ones one; row-major keeps one tile everywhere
     assert cw.default_config(1, 11008, tiled=True) == cw.CudaConfig(nt=2, kw=4, stages=2, kc=1, minb=1)
     assert cw.default_config(1, 4096, tiled=True) == cw.CudaConfig(nt=1, kw=8, stages=2, kc=1, minb=1)

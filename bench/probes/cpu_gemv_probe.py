@@ -2,7 +2,7 @@
 with one scale per row, what ``compress bench --lm-head int8`` runs), fp32/bf16/fp16 F.linear, and an int4 GEMV written in torch ops and compiled by Inductor (the dequantization fused
 into the reduction).
 
-Why: on an AVX2-only CPU the INT4 checkpoint decodes only 1.10x faster than fp32 (docs/kernels.md).
+Why: on an AVX2-only CPU the INT4 checkpoint decodes only 1.10x faster than fp32 (docs/design/experiments.md).
 This asks whether a GEMV of our own without a C++ extension could help. One thread; the weights
 stay in cache across repeats (hot), so the fp32 rows are a lower bound for a real decode step,
 where fp32 weights stream from DRAM.

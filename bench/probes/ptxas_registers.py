@@ -2,7 +2,7 @@
 
 Compiles each config / fusion of ``cuda_w4a16._SOURCE`` with ``--ptxas-options=-v`` through the
 NVRTC library of the ``nvidia-cuda-nvrtc`` wheel and prints ptxas's register and spill counts: what
-decides how many warps a multiprocessor holds (docs/kernels.md, "Fused decoder blocks").
+decides how many warps a multiprocessor holds (docs/design/experiments.md, "Fused decoder blocks").
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 \\
         --platform manylinux_2_17_x86_64 "nvidia-cuda-nvrtc>=13" -d /tmp/nvrtc

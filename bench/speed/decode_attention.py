@@ -1,7 +1,7 @@
 """Decode attention (one query token over a KV cache): our split kernel against torch SDPA's backends.
 
 Why: attention over the static cache was about a sixth of a compiled Llama-7B INT4 decode step
-(docs/kernels.md). Shapes as transformers passes them at decode: q [B, H, 1, D] (a transposed view
+(docs/design/experiments.md). Shapes as transformers passes them at decode: q [B, H, 1, D] (a transposed view
 of the q projection), the cache [B, Hkv, L, D], a boolean mask [B, 1, 1, L] (all slots filled here,
 as at the end of a static cache; ``--filled`` leaves a fraction unfilled). SDPA gets the keys and
 values repeated to H heads when Hkv < H (as transformers' SDPA path does under torch.compile).

@@ -1,7 +1,7 @@
 """Decode-shaped attention time per backend (GPU): one query token over a static KV cache.
 
 Why: in a compiled Llama-2-7B decode step attention is 14% of the INT4 step's GPU time
-(docs/kernels.md); this says which ``scaled_dot_product_attention`` backend is fastest for the
+(docs/design/experiments.md); this says which ``scaled_dot_product_attention`` backend is fastest for the
 shape, to pass as ``bench/speed/e2e_decode.py --sdpa``. CUDA-graph timing of 64 calls, median of 5.
 
     python bench/speed/sdpa_decode.py --kv 193 1024 4096

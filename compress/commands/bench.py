@@ -25,7 +25,7 @@ uncompressed model.
 
 --lm-head int8 (CPU): the checkpoint's float lm_head is quantized at load to 8-bit codes, one scale
 and zero point per output row, and runs on the C kernel; the baseline keeps the float lm_head, and
-the JSON's "lm_head" fields say so. What it costs in perplexity: docs/kernels.md.
+the JSON's "lm_head" fields say so. What it costs in perplexity: docs/int4-kernels.md.
 
 The uncompressed baseline is --baseline PATH (a folder, .gguf file or hub id) when given, or with
 --baseline original the model the checkpoint was made from (its report.json's model.name). Otherwise
@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="GPU: skip timing the kernel configs for the decode batch (about a second per layer shape)")
     r.add_argument("--large-m", default="auto", choices=["auto", "dequant", "gemm"],
                    help="GPU: the path of prefill-sized products (more than 16 rows): our W4A16 GEMM, "
-                        "dequantize + cuBLAS, or auto (the GEMM where it measured faster; docs/kernels.md)")
+                        "dequantize + cuBLAS, or auto (the GEMM where it measured faster; docs/design/gemm-and-triton.md)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     r.add_argument("--cpu-prefill", default="auto", choices=["auto", "bf16", "fp32"],
                    help="CPU INT4 path: arithmetic of the dense product prefill-sized inputs take; auto = bf16 "

@@ -2,7 +2,7 @@
 
 That is a model compiled with ``torch.compile`` (Inductor fuses each elementwise chain into one
 kernel, as ``fused`` counts) after ``accelerate()`` and ``attention.install()``, as ``compress
-bench --mode compile`` and ``bench/speed/e2e_decode.py --attn compress`` time it (docs/kernels.md):
+bench --mode compile`` and ``bench/speed/e2e_decode.py --attn compress`` time it (docs/design/dispatch.md):
 
 - quantized linears at decode (up to ``SMALL_M`` rows) run our W4A16 kernel, one launch per
   stacked group: q/k/v as one, gate/up as one (``kernel="w4a16"``); dense linears stay

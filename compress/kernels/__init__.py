@@ -8,7 +8,7 @@
   ``triton_w4a16.repack`` / ``w4a16_matmul``.
 - ``cpu_int4``, ``triton_w4a16`` (imports Triton; only on demand; also the GPU entry point), ``gpu_timing``.
 
-Design and measurements: docs/kernels.md.
+Use and results: docs/int4-kernels.md; design and measurements: docs/design/.
 """
 from compress.kernels.dispatch import BACKENDS, AccelerationReport, accelerate, packed_weights, tune_triton
 

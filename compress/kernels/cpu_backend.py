@@ -21,19 +21,19 @@ CPU_KERNELS = ("auto", "native", "torch")
 #: per call and multiply densely instead of running torch's int4 kernel (bf16 arithmetic). The int4
 #: kernel costs ~0.043 ms per row on SmolLM2's 1536x576 layer, the fp32 GEMM ~0.02 ms per row plus
 #: ~0.35 ms of dequantization; summed over one SmolLM2 block the two cross between 18 and 20 rows
-#: (``python bench/speed/cpu_crossover.py``, 1 thread, docs/kernels.md). Was 48 before ``dequantize_weight``
+#: (``python bench/speed/cpu_crossover.py``, 1 thread, docs/design/cpu-kernels.md). Was 48 before ``dequantize_weight``
 #: worked in place (dequantization then cost 0.6-2 ms).
 CPU_DENSE_MIN_ROWS = 20
 #: The same switch for our C kernel (``cpu_native``) and its dense path (dequantized blocks + fp32
 #: GEMM): on SmolLM2's layers the two were even at 48 rows, the C kernel ahead below (``python
-#: bench/speed/cpu_crossover.py``, 1 thread, an AVX-512 Xeon, 2026-12-06; docs/kernels.md). Where the
+#: bench/speed/cpu_crossover.py``, 1 thread, an AVX-512 Xeon, 2026-12-06; docs/design/cpu-kernels.md). Where the
 #: dense product runs in bf16 (AMX machines) CPU_BF16_DENSE_MIN_ROWS applies to both kernels.
 CPU_NATIVE_DENSE_MIN_ROWS = 48
 #: The same switch when the dense product runs in bf16 (``cpu_prefill`` "bf16", or "auto" on a CPU
 #: with AMX / AVX512-BF16). On such a CPU (session 5's: AMX) the int4 kernel is also about 3x faster
 #: than on session 4's, so dense wins later: summed over one SmolLM2 block, int4 1.92 vs dense bf16
 #: 1.98 ms at 32 rows, 2.37 vs 2.11 at 40 (``python bench/speed/cpu_crossover.py``, 1 thread,
-#: docs/kernels.md), so the switch sits between them. (CPU_DENSE_MIN_ROWS above was measured on
+#: docs/design/cpu-kernels.md), so the switch sits between them. (CPU_DENSE_MIN_ROWS above was measured on
 #: session 4's CPU, which is where the fp32 path matters.)
 CPU_BF16_DENSE_MIN_ROWS = 36
 

@@ -3,7 +3,7 @@
 The kernel takes bf16 activations, codes packed by ``_convert_weight_to_int4pack_for_cpu`` (an int32
 [N, K] tensor of values 0..15; N must be a multiple of 16), a group size of 32, 64, 128 or 256, and
 one bf16 tensor ``scales_and_zeros`` [K / group, N, 2]. Its dequantization is
-``w = (q - 8) * scale + zero`` (worked out numerically: docs/kernels.md), while ours is
+``w = (q - 8) * scale + zero`` (worked out numerically: docs/design/cpu-kernels.md), while ours is
 ``w = (q - z) * s``; so ``scale = s`` and ``zero = (8 - z) * s``.
 
 - Per-channel layers (one group) and groups wider than 256 are expressed exactly with a supported
@@ -115,7 +115,7 @@ def dense_linear(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     contiguous = has_contiguous_groups(g_idx, qweight.shape[1], scales.shape[1])
     # bf16 from contiguous groups: exact fp32 values, rounded once, made in row blocks of ~256 KB so
     # the fp32 temporary stays in cache (bf16 arithmetic in torch's CPU kernels was slower:
-    # docs/kernels.md)
+    # docs/design/cpu-kernels.md)
     rows = max(1, (1 << 16) // qweight.shape[1])
 
     def weight() -> torch.Tensor:

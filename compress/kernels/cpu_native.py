@@ -2,7 +2,7 @@
 
 Why not only torch's ``_weight_int4pack_mm_for_cpu`` (``cpu_int4``): it computes in bf16, so every call
 converts activations to bf16 and the result back, and on AVX2-only CPUs it was slower than the fp32
-GEMV it replaces (docs/kernels.md). This kernel reads fp32 activations, accumulates in fp32, fuses
+GEMV it replaces (docs/design/cpu-kernels.md). This kernel reads fp32 activations, accumulates in fp32, fuses
 the act-order gather, the zero points and the bias, and unpacks codes with 3 vector ops per 16
 weights on AVX-512 (the C file says how); AVX2 and plain C variants compile elsewhere.
 
@@ -294,7 +294,7 @@ def dequantize(wt: NativeInt4Weight, sorted_columns: bool = False) -> torch.Tens
 #: (and page-faulted) every fp32 weight to DRAM on every prefill call: 117 ms of a 653 ms SmolLM2
 #: prefill of 128 tokens. 4 MB blocks were the fastest of 256 KB / 1 MB / 4 MB / whole layers on an
 #: AVX-512 Xeon with 1.25 MB of L2 and 48 MB of L3 per socket, 1 and 2 threads (one-off timings,
-#: not kept; docs/kernels.md).
+#: not kept; docs/design/cpu-kernels.md).
 DENSE_BLOCK_BYTES = 1 << 22
 
 

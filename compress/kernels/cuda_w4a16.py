@@ -2,7 +2,7 @@
 
 Why not Triton for this: at batch 1 the Triton kernel reached about half the copy bandwidth and
 needed split-K (a memset, the kernel and a cast: three graph nodes) to fill 132 multiprocessors
-(docs/kernels.md). Here one launch does everything, each warp streams its weights through a
+(docs/design/cuda-w4a16.md). Here one launch does everything, each warp streams its weights through a
 ``cp.async`` pipeline several steps deep (no registers held while loads are in flight, and the
 compiler cannot sink the loads next to their use as it does with register loads), and the tensor
 cores do the multiply-add for any M <= 16, so one kernel serves decode and small batches.
@@ -60,7 +60,7 @@ _SOURCE = cuda_source("w4a16.cu")  # CUDA C++: cuda/common.cuh + cuda/w4a16.cu
 #: (session 11, ``python3 bench/probes/layout_probe.py --stages 2``), and in session 13 the GPU test suite
 #: passed on it (145 tests: every row count, bf16, act-order, fused epilogues, the prefill path's
 #: dequantize kernel) and the 7B decode step went from 3.04x to 3.21x of fp16 in the same lease
-#: (docs/kernels.md), so it is the default. ``$COMPRESS_TILE_LAYOUT`` (one of TILE_LAYOUTS' names)
+#: (docs/design/cuda-w4a16.md), so it is the default. ``$COMPRESS_TILE_LAYOUT`` (one of TILE_LAYOUTS' names)
 #: picks another for a whole process, or ``cuda_w4a16.TILE_MAJOR = cuda_w4a16.TILE_LAYOUTS["row"]``
 #: before ``accelerate``.
 #: the layouts by name, for the benchmarks' ``--tile-major``: row-major, tile-major codes, both,
@@ -228,7 +228,7 @@ def candidate_configs(m: int, n: int, max_smem: int = SMEM_LIMIT) -> list[CudaCo
     # +-2% of these on every shape and row count, so it was dropped.)
     # (Asking for 20 resident warps, i.e. at most 96 registers, was timed too and never won.)
     # (8 stages, up to 155 KB per block with dynamic shared memory, never won on the H100: session 5,
-    # docs/kernels.md. What dynamic memory did add is 2 tiles x 8 warps x 256 columns, 78 KB: 4096^2.)
+    # docs/design/cuda-w4a16.md. What dynamic memory did add is 2 tiles x 8 warps x 256 columns, 78 KB: 4096^2.)
     cfgs = [CudaConfig(nt, kw, st, kc, mb) for mb in (0, 1) for kc in (1, 2) for nt in (1, 2) for kw in (2, 4, 8)
             for st in (2, 4)]
     return [c for c in cfgs if c.smem_bytes() <= max_smem]

@@ -1,7 +1,7 @@
 """Decode attention on the GPU: one query token per sequence over the KV cache, split over the cache.
 
 Why: in a compiled decode step of a Llama-7B-shaped model, attention over a 193-slot static cache
-took about 10 us per layer (cuDNN's SDPA kernel 7.6 us plus glue; docs/kernels.md), a sixth of the
+took about 10 us per layer (cuDNN's SDPA kernel 7.6 us plus glue; docs/design/dispatch.md), a sixth of the
 INT4 step, and the same in fp16. A query of one token reads each head's keys and values once
 (193 x 128 x 2 x 2 bytes = 99 KB per head); 32 heads on 132 multiprocessors leave most of the GPU
 idle unless the cache is split. Here each block takes one (sequence, head) and a slice of the
@@ -63,7 +63,7 @@ LONG_MIN = 2048
 
 def choose_config(length: int, heads: int = 32, sms: int = 132, clusters: bool = True) -> Config:
     """The config for ``length`` cache positions and ``heads`` (sequences x heads), from
-    ``bench/speed/decode_attention.py`` on an H100 (docs/kernels.md). Short caches: a cluster of 4 blocks
+    ``bench/speed/decode_attention.py`` on an H100 (docs/design/dispatch.md). Short caches: a cluster of 4 blocks
     per head while the grid stays within 1.5 blocks per multiprocessor (4.9 us at 193 positions
     and 32 heads, against 5.3 for one block per head and 10.7 for cuDNN), else one block per head
     (no combine step); middle lengths: about 2 blocks per multiprocessor with the counter combine;

@@ -170,7 +170,7 @@ def accelerate(model: nn.Module, backend: str = "auto", large_m: str = "auto",
     "dequant" (dequantize the layer + cuBLAS per call) or "auto" (the GEMM where it measured faster,
     ``triton_gemm.AUTO_MAX_M``). Layers on the Triton kernels: "triton" (its tensor-core kernel at
     BLOCK_M = 64), else dequantize + cuBLAS.
-    ``plane_width`` (Triton path only): words per row and packed block, 16, 32 or 64 (docs/kernels.md).
+    ``plane_width`` (Triton path only): words per row and packed block, 16, 32 or 64 (docs/design/dispatch.md).
     ``fuse`` (GPU paths): stack the layers of a block that read the same input (q/k/v, gate/up; the
     adapter table's true-sequential groups) into one launch (``compress.kernels.fused``).
     ``pdl`` (CUDA kernel, sm_90+): programmatic dependent launch, so a kernel's weight copies start

@@ -1,7 +1,7 @@
 """One kernel launch for the quantized layers that read the same input (q/k/v, gate/up).
 
 Why: at decode batch 1 every W4A16 launch pays a fixed cost of about 3 µs (graph node, pipeline
-fill, final reduction; docs/kernels.md) on top of its weight bytes, and a Llama block makes seven
+fill, final reduction; docs/design/cuda-w4a16.md) on top of its weight bytes, and a Llama block makes seven
 of them. The adapter table already lists which linears of a block read the same input (its
 true-sequential groups); stacking their codes along the output dimension makes one layer of
 N = sum of the members' outputs, packed once.

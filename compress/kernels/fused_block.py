@@ -1,7 +1,7 @@
 """Decoder blocks whose RMSNorms, SiLU gate and residual adds run inside the W4A16 kernels.
 
 Why: in a compiled decode step of a Llama-7B-shaped model, what INT4 does not shrink is a dozen
-small kernels per block. Session 3's profile (docs/kernels.md) puts about 18 us per block on the
+small kernels per block. Session 3's profile (docs/design/dispatch.md) puts about 18 us per block on the
 small kernels besides our 4 matmuls and attention: two RMSNorms (each fused by Inductor with the
 residual add before it, ~2.5 us), SiLU(gate) * up (~1.3 us), rotary and cache writes. Each kernel
 pays its launch and ramp whatever its size. The CUDA kernel can do three of them on the side,
@@ -23,7 +23,7 @@ adds move. Inputs the kernel does not take (more than 16 rows, other dtypes, CPU
 arithmetic in torch (the norm module's own forward, dequantize + GEMM); under torch.compile those
 ops are traced into the graph, where Inductor fuses them as it does without us.
 
-Measured (H100, Llama-2-7B shape, compiled decode; docs/kernels.md): 5.7 us less per block in an
+Measured (H100, Llama-2-7B shape, compiled decode; docs/design/dispatch.md): 5.7 us less per block in an
 8-layer A/B, 2.08 ms per token over 32 layers (2.87x over fp16; session 5's code: 2.26 ms, 2.64x,
 on another lease). Inside our kernels the fusions cost 3-12% per launch, 2.8 us per block, which is
 what 3x still needs.

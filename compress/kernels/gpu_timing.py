@@ -2,7 +2,7 @@
 
 Why not ``compress.eval.latency.measure_latency``: on the lent H100/H200 hosts a plain eager decode
 step of a 7B model costs tens of milliseconds of Python and launch overhead while its weights need
-about 3-5 ms of memory traffic (docs/kernels.md, /work/shared/docs/MEASURING.md), so eager timing
+about 3-5 ms of memory traffic (docs/design/dispatch.md, /work/shared/docs/MEASURING.md), so eager timing
 hides what fewer weight bytes buy. Here the forward runs on a transformers ``StaticCache`` whose
 write position is a device tensor, so one decode step (forward + greedy argmax written back into
 the input buffer) is captured once as a CUDA graph and replayed ``generate`` times with no host work

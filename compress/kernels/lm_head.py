@@ -2,9 +2,9 @@
 
 Why: on a small model the lm_head is the largest single read of a decode step. SmolLM2-135M's is its
 tied fp32 embedding, 49152 x 576 = 113 MB per token, 9.6 of a 35.6 ms one-thread step on session 9's
-Xeon (docs/kernels.md). INT4 there costs +13% perplexity (``bench/quality/lm_head_quality.py``); 8-bit codes
+Xeon (docs/design/cpu-kernels.md). INT4 there costs +13% perplexity (``bench/quality/lm_head_quality.py``); 8-bit codes
 with one scale per output row read a quarter of the bytes and cost far less (measured by the same
-script, docs/kernels.md).
+script, docs/design/cpu-kernels.md).
 
 What it does: ``quantize_lm_head`` replaces ``model.get_output_embeddings()`` (the transformers API,
 so no per-family names) with a ``QuantizedLinear`` of RTN codes, which ``accelerate`` then puts on the

@@ -9,7 +9,7 @@ decode step that INT4 does not shrink. Outside compilation the forward calls the
 kernel the activation gather ``x[..., perm]`` is left in the graph (``gathered=True``), where it
 becomes a small Inductor kernel launched with the rest (with PDL when Inductor's is on) instead of
 the ``index_select`` launch the eager path makes; a gather inside our kernel measured slower
-(docs/kernels.md, "Act-order").
+(docs/design/dispatch.md, "Act-order").
 
 The op takes a handle to the packed weight (a ``W4A16Weight`` is not a tensor): ``register``
 returns it. The table holds weak references, so a packed weight that its layer drops (another

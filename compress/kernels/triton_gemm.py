@@ -2,7 +2,7 @@
 
 Until session 13 those inputs dequantized the whole layer to fp16 (written, then read again by
 cuBLAS): 0.54-0.63x of fp16 at M = 512 and about half its speed on a 7B prompt of 128 tokens
-(docs/kernels.md). Here each program unpacks a [BLOCK_N, BLOCK_K] tile of 4-bit codes in registers,
+(docs/design/gemm-and-triton.md). Here each program unpacks a [BLOCK_N, BLOCK_K] tile of 4-bit codes in registers,
 scales it and feeds it to ``tl.dot``, so the weight crosses memory once, at 4 bits. It reads both
 layouts ``repack`` writes for the CUDA kernel (``layout.pack_chunked`` words row-major or
 ``layout.tile_major``; scales and zero points [G, N] or ``layout.tile_groups``), so it needs no
@@ -117,7 +117,7 @@ else:
 
 
 #: ``large_m="auto"`` runs the GEMM for 17 .. AUTO_MAX_M rows and dequantize + cuBLAS above
-#: (0: never; set from the H100 sweep of ``bench/speed/gemm_bench.py``, docs/kernels.md)
+#: (0: never; set from the H100 sweep of ``bench/speed/gemm_bench.py``, docs/design/gemm-and-triton.md)
 AUTO_MAX_M = 0
 
 

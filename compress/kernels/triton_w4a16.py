@@ -2,12 +2,12 @@
 
 This module is also the entry point of the GPU path (``repack``, ``w4a16_matmul``, ``tune``): where
 it can run, ``repack`` packs a layer for the CUDA kernel of ``cuda_w4a16`` (1..16 rows in one
-launch; 1.5-2x faster than the Triton kernels below at M <= 16, docs/kernels.md), and
+launch; 1.5-2x faster than the Triton kernels below at M <= 16, docs/design/gemm-and-triton.md), and
 ``w4a16_matmul`` routes to it (M > 16: its dequantize kernel + cuBLAS; ``large_m`` is ignored for
 such layers). The Triton kernels serve the other layers (groups of 16 columns, dimensions not
 multiples of 8/16, no NVRTC).
 
-Design (numbers and measurements: docs/kernels.md):
+Design (numbers and measurements: docs/design/gemm-and-triton.md):
 
 - Weights are repacked once at load by ``compress.kernels.layout.pack_planar``: int32 words, 8 codes
   per word along K, in blocks of 8 * PW columns cut into 8 "planes" of PW columns (PW = 16, 32 or
@@ -28,7 +28,7 @@ Design (numbers and measurements: docs/kernels.md):
   SASS). ``FP16_ACC`` sums the 8 planes of a block in fp16 (packed HFMA2) before the fp32 update.
 - 1 < M <= 16: a tensor-core kernel, one [16, PW] x [PW, BLOCK_N] product per plane (rows past M
   are masked to zero). M > 16 (prefill): the same kernel with BLOCK_M = 64 and a grid over M, or
-  dequantize + cuBLAS (``W4A16Weight.large_m``), whichever measured faster (docs/kernels.md).
+  dequantize + cuBLAS (``W4A16Weight.large_m``), whichever measured faster (docs/design/gemm-and-triton.md).
 - Split-K: with few output rows (4096) each program takes a slice of K so that the grid fills 132
   multiprocessors; partial sums meet in an fp32 buffer by atomic adds.
 - Act-order: columns were sorted by group at load; ``perm`` gathers the matching activations inside
@@ -381,7 +381,7 @@ def _split_for(n: int, n_blocks: int, block_n: int, sm_count: int) -> int:
 
 
 def default_config(m: int, n: int, n_blocks: int, sm_count: int = 132) -> KernelConfig:
-    """Heuristic config when none was tuned (docs/kernels.md has the sweep behind it)."""
+    """Heuristic config when none was tuned (docs/design/gemm-and-triton.md has the sweep behind it)."""
     if m > 16:
         return KernelConfig(block_m=64, block_n=64, split_k=1, use_dot=True, use_asm=True, num_stages=2)
     if m == 1:

@@ -203,7 +203,7 @@ w4a16_mma(const u32* __restrict__ x, const u32* __restrict__ w, const u16* __res
           const u16* __restrict__ res, int ldr, const u32* __restrict__ gam, float eps) {
   // Dynamic shared memory (KW * STAGES stages, sized by the launch), so that a block may hold more
   // than the 48 KB of static shared memory (on the H100 two tiles x 8 warps x 256 columns, 78 KB,
-  // wins on 4096^2; deeper pipelines did not: docs/kernels.md).
+  // wins on 4096^2; deeper pipelines did not: docs/design/cuda-w4a16.md).
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Stage (*stages)[STAGES] = reinterpret_cast<Stage (*)[STAGES]>(smem_raw);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wk = threadIdx.x >> 5;
