@@ -67,6 +67,11 @@ class PassContext:
     resume: bool = False
     #: index of the pass being applied in the recipe (names its checkpoint folder)
     pass_index: int = 0
+    #: per-block loading: materializes each block before a pass touches it and writes it after
+    #: (``compress.streaming.BlockStream``); None when the whole model is in memory
+    block_source: Any = None
+    #: the processes of a distributed run (``compress.distributed.Comm``); None: one process
+    comm: Any = None
     _calibration: "CalibrationData | None" = None
 
     @property

@@ -37,6 +37,10 @@ class LoadSpec(StrictModel):
     trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint")
     allow_pickle: bool = Field(False, description="allow .bin/.pt (pickle) weights; safetensors only by default")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    strategy: Literal["auto", "in_memory", "per_block"] = Field(
+        "auto", description="in_memory: load the whole model; per_block: build it on the meta device and read, "
+        "compress, write and free one decoder block at a time (models larger than memory); auto: per_block when "
+        "the weights do not fit in free memory (the choice is logged and reported)")
 
     @field_validator("device")
     @classmethod

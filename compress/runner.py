@@ -112,15 +112,34 @@ def run(recipe: Recipe, keep_model: bool = False, resume: bool = False) -> RunRe
     """Execute a validated recipe end to end. Returns the report (also written to the output).
 
     ``resume``: fine-tuning passes continue from the training checkpoints an interrupted run left beside the
-    output (the passes before them are deterministic and run again)."""
+    output (the passes before them are deterministic and run again); a per-block run continues after its last
+    finished block.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process runs this with its share of the calibration windows
+    (``compress.distributed``); process 0 evaluates, saves and reports, the others return an empty report."""
+    from compress.distributed import Comm
+    from compress.streaming_run import choose_strategy, run_per_block
+
+    comm = Comm.from_env(resolve_device(recipe.load.device))
+    try:
+        strategy, reason = choose_strategy(recipe, comm.device)
+        log.info("load strategy: %s (%s)", strategy, reason)
+        if strategy == "per_block":
+            return run_per_block(recipe, comm, reason, resume)
+        return _run_in_memory(recipe, comm, reason, keep_model, resume)
+    finally:
+        comm.close()
+
+
+def _run_in_memory(recipe: Recipe, comm: Any, reason: str, keep_model: bool, resume: bool) -> RunResult:
     t_start = time.perf_counter()
     output = Path(recipe.output)
     check_output_path(output, [recipe.model], recipe.save.overwrite)
     check_local_inputs(recipe)
-    loaded = load_model(recipe.model, recipe.load.dtype, recipe.load.device, recipe.load.trust_remote_code,
+    device = comm.device
+    loaded = load_model(recipe.model, recipe.load.dtype, str(device), recipe.load.trust_remote_code,
                         recipe.load.allow_pickle, recipe.load.revision)
     model, tok = loaded.model, loaded.tokenizer
-    device = resolve_device(recipe.load.device)
     adapter = get_adapter(model)
     ppl_spec = recipe.eval.perplexity
     passes = [get_pass_class(e.name)(e.config) for e in recipe.passes]
@@ -133,6 +152,7 @@ def run(recipe: Recipe, keep_model: bool = False, resume: bool = False) -> RunRe
         "model": {"name": recipe.model, "source": loaded.source, "model_type": model.config.model_type,
                   "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype)},
         "output": str(output), "recipe": recipe.to_dict(), "environment": environment(),
+        "load": {"strategy": "in_memory", "reason": reason, "processes": comm.world_size},
         "passes": [], "eval": {}, "warnings": preflight_warnings,
     }
 
@@ -141,14 +161,15 @@ def run(recipe: Recipe, keep_model: bool = False, resume: bool = False) -> RunRe
     if ppl_spec is not None:
         from compress.eval.perplexity import tokenize_stream
 
-        eval_texts = [eval_text(ppl_spec.dataset)]  # read once: scored here, and kept out of calibration
+        # read once: scored here, and kept out of calibration (on every process, so all draw the same windows)
+        eval_texts = [eval_text(ppl_spec.dataset)]
         eval_ids = tokenize_stream(tok, eval_texts[0])
-        if ppl_spec.original:
+        if ppl_spec.original and comm.is_main:
             res = perplexity(model, tok, ppl_spec.dataset, ppl_spec.seqlen, ppl_spec.max_windows, device, ids=eval_ids)
             report["eval"]["perplexity"] = {"original": res.to_dict()}
 
     tasks_spec = recipe.eval.tasks
-    if tasks_spec is not None:
+    if tasks_spec is not None and comm.is_main:
         report["eval"]["tasks"] = {"original": _tasks(model, tok, tasks_spec)}
 
     calib_factory = None
@@ -158,13 +179,16 @@ def run(recipe: Recipe, keep_model: bool = False, resume: bool = False) -> RunRe
                                 c.split, c.subset, eval_texts, c.allow_eval_overlap)
     ctx = PassContext(adapter=adapter, device=device, seed=recipe.calibration.seed if recipe.calibration else 0,
                       run_dir=output, calibration_factory=calib_factory, tokenizer=tok,
-                      teacher_factory=partial(load_teacher, recipe), eval_texts=eval_texts, resume=resume)
+                      teacher_factory=partial(load_teacher, recipe), eval_texts=eval_texts, resume=resume,
+                      comm=comm if comm.world_size > 1 else None)
     torch.manual_seed(ctx.seed)
     for i, (entry, pass_) in enumerate(zip(recipe.passes, passes)):
         log.info("pass %d/%d: %s %s", i + 1, len(passes), entry.name, entry.config.model_dump(mode="json"))
         ctx.pass_index = i
         rep: PassReport = pass_.apply(model, ctx)
         report["passes"].append(rep.to_dict())
+    if not comm.is_main:  # process 0 evaluates and saves
+        return RunResult(report={}, output=output)
     if ctx._calibration is not None:
         report["calibration"] = ctx.calibration.describe()
 

@@ -65,7 +65,7 @@ def _move_outside_blocks(model: nn.Module, blocks_path: str, device: torch.devic
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor,
-                         device: torch.device) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                         device: torch.device, quiet: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Hidden states entering block 0 for each window, and the keyword arguments block 0 receives."""
     blocks = adapter.blocks(model)
     _move_outside_blocks(model, adapter.blocks_path, device)
@@ -83,7 +83,7 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Te
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for row in tqdm(input_ids, desc="capture block inputs", leave=False):
+        for row in tqdm(input_ids, desc="capture block inputs", leave=False, disable=quiet):
             try:
                 model(row.unsqueeze(0).to(device), use_cache=False)
             except _Stop:
@@ -107,14 +107,34 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict[str, An
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, handler: BlockHandler,
-                   device: torch.device, desc: str = "compress") -> dict[str, dict[str, Any]]:
-    """Compress every block with ``handler``; returns per-module stats keyed by full module name."""
+                   device: torch.device, desc: str = "compress", source: Any = None,
+                   comm: Any = None) -> dict[str, dict[str, Any]]:
+    """Compress every block with ``handler``; returns per-module stats keyed by full module name.
+
+    ``source`` (``compress.streaming.BlockStream``; None: every block is in memory) materializes block ``i``
+    before its turn and writes and frees it after; it may also start later than block 0 with saved inputs
+    (``--resume``). ``comm`` (``compress.distributed.Comm``; None: one process) holds this process's share of
+    the windows in ``input_ids`` and combines the observers of all processes before each layer is compressed.
+    """
+    from compress.distributed import Comm
+
+    comm = comm or Comm.single()
     was_training = model.training
     model.eval()
-    inputs, kwargs = capture_block_inputs(model, adapter, input_ids, device)
+    if source is not None:
+        source.load(0)
+    inputs, kwargs = capture_block_inputs(model, adapter, comm.my_windows(input_ids), device, quiet=not comm.is_main)
     stats: dict[str, dict[str, Any]] = {}
+    start = 0
+    if source is not None:
+        start = source.start
+        if start:
+            inputs = source.resume_inputs(device)
+            stats.update(source.restore(handler))
     blocks = adapter.blocks(model)
-    for i in tqdm(range(len(blocks)), desc=desc):
+    for i in tqdm(range(start, len(blocks)), desc=desc, initial=start, total=len(blocks), disable=not comm.is_main):
+        if source is not None:
+            source.load(i)
         block = blocks[i]
         home = next(block.parameters()).device
         block.to(device)
@@ -138,16 +158,30 @@ def run_sequential(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, 
             finally:
                 for h in handles:
                     h.remove()
-            for n, obs in active.items():
-                full = f"{adapter.block_prefix(i)}.{n}"
-                stats[full] = handler.compress(full, mods[n], obs, _replacer(block, n))
+            prefix = adapter.block_prefix(i)
+            stats.update(comm.compress_group(prefix, block, active, handler, device))
         outputs = run_block(block, inputs, kwargs)
         if hasattr(handler, "block_done"):
             handler.block_done(i, block, inputs, outputs)
         inputs = outputs
         block.to(home)
+        if source is not None:
+            source.done(i, block, outputs, stats, handler)
     model.train(was_training)
     return stats
+
+
+def iter_blocks(model: nn.Module, adapter: Adapter, source: Any = None):
+    """``(index, block)`` for data-free passes; with a per-block ``source`` each block is read before it is
+    yielded and written and freed after (the pass changes it in place or through ``set_submodule``). Data-free
+    passes are fast, so a resumed one starts again from block 0."""
+    blocks = adapter.blocks(model)
+    for i in range(len(blocks)):
+        if source is not None:
+            source.load(i)
+        yield i, blocks[i]
+        if source is not None:
+            source.done(i, blocks[i], [], {})
 
 
 def _feed(obs: Observer, name: str, pending: set[str]):

@@ -16,8 +16,9 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it resolved, then stop")
     p.add_argument("--resume", action="store_true",
-                   help="continue fine-tuning passes from the checkpoints an interrupted run left in <output>.ckpt/ "
-                        "(earlier passes run again; without it a stale checkpoint folder is discarded with a warning)")
+                   help="continue an interrupted run: a per-block run after its last finished block (from "
+                        ".<output>.partial/), fine-tuning passes from the checkpoints left in <output>.ckpt/ (earlier "
+                        "passes run again); without it stale partial results are discarded with a warning")
     p.set_defaults(func=handle)
 
 
@@ -34,7 +35,14 @@ def handle(args: argparse.Namespace) -> int:
     from compress.eval.report import summary_table
     from compress.runner import run
 
-    result = run(recipe, resume=args.resume)
+    from compress.distributed import PeerFailed
+
+    try:
+        result = run(recipe, resume=args.resume)
+    except PeerFailed:
+        return 2  # the failing process printed the error; repeating it from every process helps no one
+    if not result.report:  # a process other than 0 of a distributed run: process 0 reports
+        return 0
     print(summary_table(result.report))
     print(f"report: {result.output / 'report.md'}")
     return 0

@@ -42,7 +42,8 @@ def linear_names_outside_blocks(model: nn.Module, blocks_path: str) -> list[str]
 
 
 def run_calibrated(model: nn.Module, ctx: PassContext, handler: Any, desc: str) -> dict[str, dict[str, Any]]:
-    return run_sequential(model, ctx.adapter, ctx.calibration.input_ids, handler, ctx.device, desc=desc)
+    return run_sequential(model, ctx.adapter, ctx.calibration.input_ids, handler, ctx.device, desc=desc,
+                          source=ctx.block_source, comm=ctx.comm)
 
 
 def timed_report(name: str, config: Any, fn: Callable[[PassReport], None]) -> PassReport:

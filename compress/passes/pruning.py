@@ -172,8 +172,10 @@ def apply_pruning(model: nn.Module, ctx: PassContext, config: PruneConfig, repor
 
 def _walk_blocks(model: nn.Module, ctx: PassContext, handler: PruneHandler) -> dict[str, dict[str, Any]]:
     """Data-free pruning: every selected linear of every block, in place."""
+    from compress.sequential import iter_blocks
+
     stats = {}
-    for i, block in enumerate(ctx.adapter.blocks(model)):
+    for i, block in iter_blocks(model, ctx.adapter, ctx.block_source):
         for n in ctx.adapter.linear_names():
             full = f"{ctx.adapter.block_prefix(i)}.{n}"
             mod = get_submodule(block, n)

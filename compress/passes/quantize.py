@@ -117,9 +117,10 @@ def apply_quantization(model: nn.Module, ctx: PassContext, config: QuantConfig, 
 
 def _apply_without_data(model: nn.Module, ctx: PassContext, handler: QuantHandler) -> dict[str, dict[str, Any]]:
     from compress.adapters import get_submodule, set_submodule
+    from compress.sequential import iter_blocks
 
     stats = {}
-    for i, block in enumerate(ctx.adapter.blocks(model)):
+    for i, block in iter_blocks(model, ctx.adapter, ctx.block_source):
         for n in ctx.adapter.linear_names():
             full = f"{ctx.adapter.block_prefix(i)}.{n}"
             mod = get_submodule(block, n)

@@ -31,7 +31,11 @@ class WandaConfig(PruneConfig):
 
 
 class ActNormObserver:
-    """Per input feature j: Σ over calibration tokens of x_j² (float64, so long sums stay exact enough)."""
+    """Per input feature j: Σ over calibration tokens of x_j² (float64, so long sums stay exact enough).
+
+    Several processes all-gather their sums and every one computes the same mask (``compress.distributed``)."""
+
+    solve_everywhere = True
 
     def __init__(self, in_features: int, device: torch.device):
         self.sq = torch.zeros(in_features, dtype=torch.float64, device=device)
@@ -41,6 +45,14 @@ class ActNormObserver:
         x = inp.reshape(-1, inp.shape[-1]).float()
         self.sq += x.square().sum(0).to(torch.float64)
         self.n += x.shape[0]
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.sq]
+
+    def merge(self, parts: list[list[torch.Tensor]], counts: list[int]) -> None:
+        from compress.distributed import merge_sum
+
+        (self.sq,), self.n = merge_sum(parts, counts)
 
 
 class Wanda:
