@@ -61,6 +61,18 @@ class SpanState:
     cached_positions: int = 0
     decode_calls: int = 0
     kernel: str = "dense"  # the path the last decode call took
+    #: record the statistics of every policy at prefill, not only this one's
+    record_all: bool = False
+
+    def with_spec(self, spec: SpanSpec) -> "SpanState":
+        """A state for ``spec`` over copies of this one's prefill statistics (so that several
+        policies can decode from one prefill that recorded them all, ``record_all``)."""
+        from dataclasses import replace
+
+        same = ("block_size", "observation_window", "pool_kernel")
+        if any(getattr(spec, f) != getattr(self.spec, f) for f in same):
+            raise CompressError(f"attention_span: policies decoding from one prefill must share {', '.join(same)}")
+        return SpanState(spec, layers={i: replace(st) for i, st in self.layers.items()}, scaffold=self.scaffold)
 
     def reset(self) -> None:
         self.layers.clear()
@@ -74,10 +86,10 @@ class SpanState:
     def record_prefill(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         s, length = self.spec, key.shape[2]
         st = self.layers[layer] = LayerStats(length=length)
-        if s.policy == "quest":
+        if s.policy == "quest" or self.record_all:
             full = length // s.block_size * s.block_size
             st.kmin, st.kmax = P.block_minmax(key, s.block_size, full)
-        elif s.policy == "snapkv":
+        if s.policy == "snapkv" or self.record_all:
             w = min(s.observation_window, query.shape[2])
             st.votes = P.snapkv_scores(query[:, :, -w:], key, scaling, s.block_size, s.pool_kernel)
 
@@ -278,6 +290,21 @@ def install(model: nn.Module, spec: SpanSpec) -> SpanState:
         setattr(m, _MARK, (state, i))
     model.config._attn_implementation = NAME
     return state
+
+
+def set_state(model: nn.Module, state: SpanState | None) -> None:
+    """Point the marked attention modules of an installed model at ``state`` (None: plain SDPA,
+    the dense baseline, on the same model and cache)."""
+    from compress.kernels.attention import attention_modules
+
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        raise CompressError("attention_span: set_state needs a model with install() applied")
+    for i, m in enumerate(attention_modules(model)):
+        if state is None:
+            if hasattr(m, _MARK):
+                delattr(m, _MARK)
+        else:
+            setattr(m, _MARK, (state, i))
 
 
 def installed_state(model: nn.Module) -> SpanState | None:
