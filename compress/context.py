@@ -67,6 +67,9 @@ class PassContext:
     resume: bool = False
     #: index of the pass being applied in the recipe (names its checkpoint folder)
     pass_index: int = 0
+    #: objects a pass leaves to be written beside the checkpoint once it is saved (``obj.save(folder) ->
+    #: warnings``), by name; the early_exit pass puts its EarlyExit here
+    artifacts: dict[str, Any] = field(default_factory=dict)
     _calibration: "CalibrationData | None" = None
 
     @property

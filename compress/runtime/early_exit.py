@@ -39,7 +39,8 @@ from compress.algos.early_exit import features_from_logits, linear_score
 from compress.errors import CompressError, UnsupportedModelError
 
 ARTIFACT_JSON = "early_exit.json"
-ARTIFACT_TENSORS = "early_exit.safetensors"
+#: a subfolder, so that readers of the checkpoint's top-level *.safetensors never take it for weights
+ARTIFACT_TENSORS = "early_exit/classifier.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -48,9 +49,9 @@ class _Stop(Exception):
 
 
 def weight_hash(folder: str | os.PathLike[str]) -> str:
-    """sha256 over the checkpoint's weight files (``*.safetensors`` except the artifact's, name-sorted)."""
+    """sha256 over the checkpoint's weight files (top-level ``*.safetensors``, name-sorted)."""
     folder = Path(folder)
-    files = sorted(f for f in folder.glob("*.safetensors") if f.name != ARTIFACT_TENSORS)
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CompressError(f"{folder}: no *.safetensors weight files to hash for the early-exit artifact")
     h = hashlib.sha256()
@@ -103,7 +104,7 @@ class EarlyExit:
         return d
 
     def save(self, folder: str | os.PathLike[str]) -> list[str]:
-        """Write ``early_exit.json`` + ``early_exit.safetensors`` into a checkpoint folder (atomically per
+        """Write ``early_exit.json`` + ``early_exit/classifier.safetensors`` into a checkpoint folder (atomically per
         file), stamped with the hash of the weights there. Returns warnings (none)."""
         from safetensors.torch import save_file
 
@@ -112,6 +113,7 @@ class EarlyExit:
         tensors = {"weight": self.weight.float().contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float32)}
         if self.draft_vocab is not None:
             tensors["draft_vocab"] = self.draft_vocab.to(torch.int64).contiguous()
+        (folder / ARTIFACT_TENSORS).parent.mkdir(exist_ok=True)
         tmp = folder / (ARTIFACT_TENSORS + ".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, folder / ARTIFACT_TENSORS)
@@ -138,7 +140,7 @@ class EarlyExit:
                 raise CompressError(f"{path}: the artifact was calibrated for other weights (weight_hash "
                                     f"{str(d.get('weight_hash'))[:12]}…, this checkpoint {actual[:12]}…); calibrate again")
         t = load_file(str(folder / d["tensors"]))
-        d = {k: v for k, v in d.items() if k not in ("format_version", "tensors")}
+        d = {k: v for k, v in d.items() if k not in ("format_version", "tensors", "bias")}  # bias: the tensor file
         return cls(**d, weight=t["weight"], bias=float(t["bias"][0]), draft_vocab=t.get("draft_vocab"))
 
     # --- inference ------------------------------------------------------------------------
@@ -353,8 +355,8 @@ def flops_per_token(model: nn.Module, adapter: Adapter, seq_len: int) -> tuple[f
     """(one block, the head) forward FLOPs per token: 2 x linear weights, plus attention's QK^T and AV at
     the mean causal length ``seq_len / 2`` (norms and activations are a few per mille and left out)."""
     block = adapter.blocks(model)[0]
-    lin = sum(m.weight.numel() for m in adapter.block_linears(block).values())
+    lin = sum(m.in_features * m.out_features for m in adapter.block_linears(block).values())
     geo = adapter.geometry(model.config)
     attn = 2 * 2 * geo["num_heads"] * geo["head_dim"] * (seq_len / 2)
     _, head = exit_modules(model, adapter)
-    return 2.0 * lin + attn, 2.0 * head.weight.numel()
+    return 2.0 * lin + attn, 2.0 * head.in_features * head.out_features
