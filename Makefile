@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -q -e ".[dev,eval,finetune]" "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e ".[dev,eval,finetune,early-exit]" "$(TORCH_SPEC)"
 	$(PYTHON) -m compress.default_model
 
 quickstart: setup

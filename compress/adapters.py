@@ -86,6 +86,10 @@ class Adapter:
     #: pre-norm block with RMSNorms and a SiLU-gated MLP whose norms, activation and residual adds the
     #: W4A16 kernels can take over at decode (``compress.kernels.fused_block``); None: not known to be
     decode_block: DecodeBlock | None = None
+    #: dotted paths from the CausalLM to the norm after the last block and to the output head; early exit
+    #: (``compress.runtime.early_exit``) applies both to an intermediate hidden state. None: not known
+    final_norm: str | None = None
+    lm_head: str | None = None
 
     @property
     def fused_qkv(self) -> bool:
@@ -156,6 +160,8 @@ _LLAMA_LIKE = dict(
     mlp={"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
     head_dim_key="head_dim",
     decode_block=DecodeBlock(),
+    final_norm="model.norm",
+    lm_head="lm_head",
 )
 
 _LLAMA_ARCH = ArchFacts(norm="rms", mlp="gated", act_flops=5.0, qkv_bias=("attention_bias", False),
@@ -183,6 +189,9 @@ ADAPTERS["opt"] = Adapter(
     attn={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj"},
     mlp={"up": "fc1", "down": "fc2"},
     config_keys={"intermediate": "ffn_dim", "kv_heads": "num_attention_heads"},
+    # OPT-350m projects after the norm (project_out): early exit refuses it, the head then reads another width
+    final_norm="model.decoder.final_layer_norm",
+    lm_head="lm_head",
     # fc1 -> ReLU -> fc2, biases everywhere, learned positions, no GQA, tied head by default
     arch=ArchFacts(norm="layer", mlp="plain", act_flops=1.0, qkv_bias=("enable_bias", True),
                    out_bias=("enable_bias", True), mlp_bias=("enable_bias", True), tie_default=True,
@@ -200,6 +209,8 @@ ADAPTERS["gpt_neox"] = Adapter(
     attn={"qkv": "attention.query_key_value", "o": "attention.dense"},
     mlp={"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"},
     config_keys={"kv_heads": "num_attention_heads"},
+    final_norm="gpt_neox.final_layer_norm",
+    lm_head="embed_out",
     # GELU (erf, ~8 FLOPs), partial rotary (rotary_pct), parallel residual
     arch=ArchFacts(norm="layer", mlp="plain", act_flops=8.0, qkv_bias=("attention_bias", True),
                    out_bias=("attention_bias", True), mlp_bias=(None, True), tie_default=False,

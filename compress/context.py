@@ -72,6 +72,9 @@ class PassContext:
     block_source: Any = None
     #: the processes of a distributed run (``compress.distributed.Comm``); None: one process
     comm: Any = None
+    #: objects a pass leaves to be written beside the checkpoint once it is saved (``obj.save(folder) ->
+    #: warnings``), by name; the early_exit pass puts its EarlyExit here
+    artifacts: dict[str, Any] = field(default_factory=dict)
     _calibration: "CalibrationData | None" = None
 
     @property

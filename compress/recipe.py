@@ -210,6 +210,9 @@ def check_order(recipe: Recipe) -> None:
             j = earlier.index("quantize")
             raise ConfigError(f"passes[{i}].{name}: fine-tuning must come before quantization (passes[{j}].{names[j]}), "
                               "which leaves integer codes with nothing to train; move it earlier")
+        if kind == "runtime" and later:
+            raise ConfigError(f"passes[{i}].{name}: must be the last pass; a later pass changes the weights it "
+                              "was calibrated on")
         cls = get_pass_class(name)
         # a pass whose need depends on its options says so through its config
         needs = getattr(recipe.passes[i].config, "needs_calibration", None)
@@ -224,6 +227,9 @@ def check_order(recipe: Recipe) -> None:
         uses_plan = getattr(recipe.passes[i].config, "sparsity", None) == "plan"
         if uses_plan and "allocate" not in earlier:
             raise ConfigError(f"passes[{i}].{name}.sparsity: 'plan' needs an earlier allocation pass (e.g. alpha_allocation)")
+    if recipe.eval.tasks is not None and recipe.eval.tasks.early_exit and "early_exit" not in names:
+        raise ConfigError("eval.tasks.early_exit: true needs an early_exit pass in passes (it calibrates the exits)")
+
 
 
 def _format(e: ValidationError, prefix: str = "") -> str:

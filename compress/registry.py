@@ -4,6 +4,7 @@ from __future__ import annotations
 from compress.errors import ConfigError
 from compress.passes.alpha_allocation import AlphaAllocation
 from compress.passes.depth_prune import DepthPrune
+from compress.passes.early_exit import EarlyExitPass
 from compress.passes.gptq import GPTQ
 from compress.passes.magnitude import Magnitude
 from compress.passes.rtn import RTN
@@ -22,6 +23,7 @@ PASSES: dict[str, type] = {
     WidthPrune.name: WidthPrune,
     DepthPrune.name: DepthPrune,
     SparseFinetune.name: SparseFinetune,
+    EarlyExitPass.name: EarlyExitPass,
 }
 
 

@@ -199,6 +199,11 @@ def _run_in_memory(recipe: Recipe, comm: Any, reason: str, keep_model: bool, res
 
     if tasks_spec is not None:
         report["eval"]["tasks"]["compressed"] = _tasks(model, tok, tasks_spec)
+        if tasks_spec.early_exit:
+            from compress.eval.early_exit_tasks import run_tasks_early_exit
+
+            report["eval"]["tasks"]["early_exit"] = run_tasks_early_exit(model, tok, tasks_spec,
+                                                                         ctx.artifacts["early_exit"])
     if recipe.eval.roofline is not None:
         report["eval"]["roofline"] = roofline_for(model, recipe, original_config)
 
@@ -219,6 +224,9 @@ def _run_in_memory(recipe: Recipe, comm: Any, reason: str, keep_model: bool, res
     else:
         warnings = save_checkpoint(model, tok, output, fmt, extra_files=files(), gptq_dampening=gptq_damp,
                                    overwrite=recipe.save.overwrite)
+    if fmt != "none":  # written after the weights, whose hash they carry
+        for artifact in ctx.artifacts.values():
+            warnings += artifact.save(output)
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     report["checkpoint"]["size_bytes"] = size
     report["warnings"] += warnings

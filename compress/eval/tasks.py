@@ -112,6 +112,8 @@ class TasksSpec(StrictModel):
     num_fewshot: int = Field(0, ge=0, description="demonstrations per prompt; local tasks draw them from the scored split")
     batch_size: int = Field(DEFAULT_BATCH_SIZE, gt=0, description="loglikelihood requests per forward pass")
     assets_dir: str | None = Field(None, description=f"folder of the task jsonl files (default {DEFAULT_ASSETS_DIR}, relative to the repository)")
+    early_exit: bool = Field(False, description="also score the compressed model with the recipe's early_exit policy "
+                             "(lossy mode): accuracy with and without, agreement, executed layers, FLOPs")
 
     @field_validator("names")
     @classmethod
