@@ -250,23 +250,12 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 def why_not(model: nn.Module) -> str | None:
     """Why ``install`` cannot put a span policy on ``model`` (None when it can)."""
-    from compress.kernels.attention import attention_modules
+    from compress.kernels.attention import registry_or_modules_problem
 
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl not in ("sdpa", "eager", NAME):
         return f"the model's attention implementation is {impl!r} (span attention replaces 'sdpa' or 'eager')"
-    try:
-        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
-        from transformers.modeling_utils import AttentionInterface  # noqa: F401
-    except ImportError as e:
-        return f"this transformers has no attention registry ({e})"
-    try:
-        mods = attention_modules(model)
-    except Exception as e:  # noqa: BLE001 - a model the adapter table cannot describe
-        return f"no adapter for this model ({e})"
-    if not mods:
-        return "the adapter table names no attention projections for this model"
-    return None
+    return registry_or_modules_problem(model)
 
 
 def install(model: nn.Module, spec: SpanSpec) -> SpanState:

@@ -67,6 +67,12 @@ def why_not(model: nn.Module) -> str | None:
     impl = getattr(config, "_attn_implementation", None)
     if impl not in ("sdpa", NAME):
         return f"the model's attention implementation is {impl!r} (installs over 'sdpa' only)"
+    return registry_or_modules_problem(model)
+
+
+def registry_or_modules_problem(model: nn.Module) -> str | None:
+    """What keeps any attention replacement off ``model`` whatever its implementation: a transformers
+    without the attention registry, or a model the adapter table names no attention modules for."""
     try:
         from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
         from transformers.modeling_utils import AttentionInterface  # noqa: F401
